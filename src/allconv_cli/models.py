@@ -1,0 +1,261 @@
+"""The paper's twelve CIFAR networks, generated from one declarative table.
+
+Tables 1 and 2 of the paper describe three base networks (A, B, C) and four ways of treating their two pooling
+layers (the "branches"). ``BASES`` holds the bases as layer tokens, ``layer_plan`` applies a branch to a base, and
+``build`` turns the plan into modules: every layer is its own module object, so no weights are shared by accident
+(one of the 2020 reproduction's bugs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from allconv_cli.errors import AllconvError
+from allconv_cli.paper import TABLE3
+
+# Table 1: one token per layer. "convK-C" is a KxK conv with C output channels, "same" padded; "pool" is the
+# 3x3 max-pool with stride 2 that the branches rewrite.
+BASES: dict[str, tuple[str, ...]] = {
+    "A": ("conv5-96", "pool", "conv5-192", "pool"),
+    "B": ("conv5-96", "conv1-96", "pool", "conv5-192", "conv1-192", "pool"),
+    "C": ("conv3-96", "conv3-96", "pool", "conv3-192", "conv3-192", "pool"),
+}
+# Shared by all bases: the unpadded 3x3 conv (8x8 -> 6x6), a 1x1 conv, a 1x1 conv to the classes, global average.
+CLASSIFIER: tuple[str, ...] = ("conv3-192-valid", "conv1-192", "conv1-classes")
+BRANCHES: tuple[str, ...] = ("model", "strided", "convpool", "allcnn")
+INITS: tuple[str, ...] = ("xavier", "kaiming", "gaussian", "torch")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a plan. ``out == 0`` means "num_classes"."""
+
+    kind: str  # conv | pool | dropout | gap
+    kernel: int = 0
+    out: int = 0
+    stride: int = 1
+    padded: bool = True
+    dropout: str = ""  # "input" or "hidden" for dropout layers
+    head: bool = False  # the last conv, whose ReLU is optional
+
+
+def _conv(token: str) -> LayerSpec:
+    _, kernel, out, *flags = token.replace("conv", "conv-", 1).split("-")
+    return LayerSpec(
+        "conv", kernel=int(kernel), out=0 if out == "classes" else int(out), padded="valid" not in flags,
+        head=out == "classes",
+    )
+
+
+def layer_plan(base: str, branch: str) -> list[LayerSpec]:
+    """The layers of network ``base`` (A, B, C) in variant ``branch``, as Table 2 describes them."""
+    base = base.upper()
+    if base not in BASES:
+        raise AllconvError(f"unknown model base {base!r}: choose one of {', '.join(BASES)}")
+    if branch not in BRANCHES:
+        raise AllconvError(f"unknown branch {branch!r}: choose one of {', '.join(BRANCHES)}")
+    plan = [LayerSpec("dropout", dropout="input")]
+    for token in BASES[base]:
+        if token != "pool":
+            plan.append(_conv(token))
+            continue
+        channels = plan[-1].out
+        if branch == "model":
+            plan.append(LayerSpec("pool", kernel=3, stride=2))
+        elif branch == "strided":  # drop the pool, the conv before it strides instead
+            plan[-1] = dataclasses.replace(plan[-1], stride=2)
+        elif branch == "convpool":  # an extra conv so that the parameter count matches allcnn
+            plan += [LayerSpec("conv", kernel=3, out=channels), LayerSpec("pool", kernel=3, stride=2)]
+        else:  # allcnn: a strided conv learns the pooling
+            plan.append(LayerSpec("conv", kernel=3, out=channels, stride=2))
+        plan.append(LayerSpec("dropout", dropout="hidden"))
+    plan += [_conv(token) for token in CLASSIFIER]
+    plan.append(LayerSpec("gap"))
+    return plan
+
+
+class ConvBlock(nn.Module):
+    """Conv, optional BatchNorm (before the ReLU, as Ioffe & Szegedy), optional ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, padded: bool, bn: bool, relu: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2 if padded else 0, bias=not bn)
+        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over the spatial map (6x6 here) and flatten to logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class AllConvNet(nn.Module):
+    """One of the twelve networks; built by :func:`build`, layers named conv1, pool1, drop1, ... in order."""
+
+    def __init__(self, layers: OrderedDict[str, nn.Module], name: str, num_classes: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(layers)
+        self.name = name
+        self.num_classes = num_classes
+        self.default_cfg = self.pretrained_cfg = {"input_size": (3, 32, 32), "num_classes": num_classes}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _init_weights(model: nn.Module, init: str, std: float) -> None:
+    """Scaled initialisation: PyTorch's default keeps the paper's net stuck at chance without BN."""
+    if init not in INITS:
+        raise AllconvError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+    if init == "torch":
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            if init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            elif init == "kaiming":
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build(
+    base: str,
+    branch: str,
+    *,
+    num_classes: int = 10,
+    bn: bool = False,
+    dropout_input: float = 0.2,
+    dropout_hidden: float = 0.5,
+    init: str = "xavier",
+    init_std: float = 0.05,
+    head_relu: bool = True,
+    in_chans: int = 3,
+) -> AllConvNet:
+    """Build network ``base``/``branch``; defaults are the paper's (dropout 20% input, 50% after each pooling stage)."""
+    for name, rate in (("dropout_input", dropout_input), ("dropout_hidden", dropout_hidden)):
+        if not 0.0 <= rate < 1.0:
+            raise AllconvError(f"{name}={rate} is out of range: use a probability in [0, 1)")
+    if num_classes < 2:
+        raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more")
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    counts = {"conv": 0, "pool": 0, "dropout": 0}
+    channels = in_chans
+    for spec in layer_plan(base, branch):
+        if spec.kind == "conv":
+            out = spec.out or num_classes
+            counts["conv"] += 1
+            relu = head_relu or not spec.head
+            layers[f"conv{counts['conv']}"] = ConvBlock(channels, out, spec.kernel, spec.stride, spec.padded, bn, relu)
+            channels = out
+        elif spec.kind == "pool":
+            counts["pool"] += 1
+            layers[f"pool{counts['pool']}"] = nn.MaxPool2d(3, stride=2, padding=1)
+        elif spec.kind == "dropout":
+            rate = dropout_input if spec.dropout == "input" else dropout_hidden
+            layers[f"drop{counts['dropout']}"] = nn.Dropout(rate)
+            counts["dropout"] += 1
+        else:
+            layers["gap"] = GlobalAvgPool()
+    model = AllConvNet(layers, registry_name(base, branch), num_classes)
+    _init_weights(model, init, init_std)
+    return model
+
+
+def registry_name(base: str, branch: str) -> str:
+    return f"allconv_{base.lower()}_{branch}"
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """``allconv_c_allcnn`` or ``C/allcnn`` or ``c-allcnn`` -> ("C", "allcnn")."""
+    cleaned = name.lower().removeprefix("allconv_").replace("/", "_").replace("-", "_")
+    base, _, branch = cleaned.partition("_")
+    if base.upper() not in BASES or branch not in BRANCHES:
+        names = ", ".join(registry_name(b, br) for b, br in ARCHITECTURES)
+        raise AllconvError(f"unknown network {name!r}: choose one of {names}")
+    return base.upper(), branch
+
+
+# The declarative table of the twelve networks: registry name -> (base, branch).
+ARCHITECTURES: dict[tuple[str, str], str] = {(b, br): registry_name(b, br) for b in BASES for br in BRANCHES}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(base: str, branch: str, num_classes: int = 10) -> dict[str, Any]:
+    """One row of ``allconv models``: our exact parameter count next to the paper's printed figures."""
+    entry = TABLE3[(base, branch)]
+    return {
+        "name": registry_name(base, branch),
+        "base": base,
+        "branch": branch,
+        "display_name": entry.display_name,
+        "params": count_params(build(base, branch, num_classes=num_classes, init="torch")),
+        "paper_params": entry.params_printed,
+        "paper_error": entry.error,
+    }
+
+
+def summary(base: str, branch: str, num_classes: int = 10, **options: Any) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(layer name, module repr, output shape, parameters) for each top-level layer on a 1x3x32x32 input."""
+    model = build(base, branch, num_classes=num_classes, **options).eval()
+    rows = []
+    x = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        for name, module in model.layers.named_children():
+            x = module(x)
+            text = repr(module.conv) if isinstance(module, ConvBlock) else repr(module)
+            if isinstance(module, ConvBlock) and not isinstance(module.bn, nn.Identity):
+                text += " + BN"
+            if isinstance(module, ConvBlock) and not isinstance(module.relu, nn.Identity):
+                text += " + ReLU"
+            rows.append((name, text, tuple(x.shape[1:]), count_params(module)))
+    return rows
+
+
+_TIMM_KWARGS = {"num_classes", "bn", "dropout_input", "dropout_hidden", "init", "init_std", "head_relu", "in_chans"}
+_registered = False
+
+
+def _entrypoint(base: str, branch: str) -> Callable[..., AllConvNet]:
+    def create(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+        if pretrained:
+            raise ValueError("allconv networks have no pretrained weights: train one with `allconv train`")
+        if "drop_rate" in kwargs and kwargs["drop_rate"] is not None:  # timm's generic dropout argument
+            kwargs.setdefault("dropout_hidden", kwargs["drop_rate"])
+        return build(base, branch, **{k: v for k, v in kwargs.items() if k in _TIMM_KWARGS})
+
+    create.__name__ = create.__qualname__ = registry_name(base, branch)
+    create.__module__ = __name__
+    create.__doc__ = f"{TABLE3[(base, branch)].display_name} from Springenberg et al. 2015 (arXiv:1412.6806)."
+    return create
+
+
+def register_timm() -> None:
+    """Make ``timm.create_model("allconv_c_allcnn", num_classes=100)`` work. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from timm.models import register_model
+
+    for base, branch in ARCHITECTURES:
+        fn = _entrypoint(base, branch)
+        globals()[fn.__name__] = register_model(fn)
+    _registered = True
+

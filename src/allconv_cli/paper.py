@@ -1,0 +1,52 @@
+"""Published numbers we compare against, in one place, each with its source.
+
+Nothing in here is computed: these are the figures printed in the paper and in the 2020 reproduction, so that
+``allconv models`` and ``allconv report`` can put our measurements next to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAPER = (
+    "J. T. Springenberg, A. Dosovitskiy, T. Brox, M. Riedmiller, 'Striving for Simplicity: The All Convolutional Net', "
+    "ICLR 2015 workshop track, arXiv:1412.6806, Table 3 (CIFAR-10, no data augmentation)"
+)
+REPRODUCTION_2020 = (
+    "A 2020 PyTorch reproduction of the paper's CIFAR-10 experiments (no weight decay, no whitening, wrong padding "
+    "and kernel sizes, shared layer objects, lr picked on the test set): its reported test errors"
+)
+
+
+@dataclass(frozen=True)
+class PaperEntry:
+    """One row of the paper's Table 3."""
+
+    display_name: str
+    error: float  # test error in %, CIFAR-10 without augmentation
+    params_printed: str  # the parameter count as the paper prints it ("~1.4 M")
+    error_2020: float  # the 2020 PyTorch reproduction's test error in %
+
+
+# Keyed by (base, branch); branch names are this package's: model, strided, convpool, allcnn.
+TABLE3: dict[tuple[str, str], PaperEntry] = {
+    ("A", "model"): PaperEntry("Model A", 12.47, "~0.9 M", 19.27),
+    ("A", "strided"): PaperEntry("Strided-CNN-A", 13.46, "~0.9 M", 20.27),
+    ("A", "convpool"): PaperEntry("ConvPool-CNN-A", 10.21, "~1.28 M", 15.46),
+    ("A", "allcnn"): PaperEntry("All-CNN-A", 10.30, "~1.28 M", 15.60),
+    ("B", "model"): PaperEntry("Model B", 10.20, "~1 M", 17.01),
+    ("B", "strided"): PaperEntry("Strided-CNN-B", 10.98, "~1 M", 23.20),
+    ("B", "convpool"): PaperEntry("ConvPool-CNN-B", 9.33, "~1.35 M", 18.22),
+    ("B", "allcnn"): PaperEntry("All-CNN-B", 9.10, "~1.35 M", 29.48),
+    ("C", "model"): PaperEntry("Model C", 9.74, "~1.3 M", 13.07),
+    ("C", "strided"): PaperEntry("Strided-CNN-C", 10.19, "~1.3 M", 15.49),
+    ("C", "convpool"): PaperEntry("ConvPool-CNN-C", 9.31, "~1.4 M", 14.39),
+    ("C", "allcnn"): PaperEntry("All-CNN-C", 9.08, "~1.4 M", 17.89),
+}
+
+# The paper's CIFAR-10 protocol (Section 3.2.1), the defaults of `allconv train`.
+PAPER_LRS = (0.25, 0.1, 0.05, 0.01)
+PAPER_EPOCHS = 350
+PAPER_MILESTONES = (200, 250, 300)
+PAPER_WEIGHT_DECAY = 1e-3
+PAPER_MOMENTUM = 0.9
