@@ -106,7 +106,7 @@ def test_bad_names_raise_clear_errors() -> None:
         models.layer_plan("D", "model")
     with pytest.raises(AllconvError, match="'pooled'"):
         models.layer_plan("A", "pooled")
-    with pytest.raises(AllconvError, match="dropout_hidden=1.5"):
+    with pytest.raises(AllconvError, match=r"dropout_hidden=1\.5"):
         models.build("A", "model", dropout_hidden=1.5)
     assert models.parse_name("allconv_c_allcnn") == ("C", "allcnn")
     assert models.parse_name("B/convpool") == ("B", "convpool")
@@ -124,32 +124,48 @@ def test_timm_registry_after_import() -> None:
     assert out[3] == "12"
     # the other import order too
     code = "import timm, allconv_cli; print(timm.create_model('allconv_a_model').num_classes)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "10"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "10"
+    )
 
 
 def test_import_does_not_pull_torch() -> None:
-    code = "import sys, allconv_cli.cli; print('torch' in sys.modules, 'mlflow' in sys.modules, 'optuna' in sys.modules)"
+    code = (
+        "import sys, allconv_cli.cli; print('torch' in sys.modules, 'mlflow' in sys.modules, 'optuna' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False False False"
 
 
 def test_models_cli_json_and_table() -> None:
-    run = subprocess.run([sys.executable, "-m", "allconv_cli", "models", "--format", "json"], capture_output=True,
-                         text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "allconv_cli", "models", "--format", "json"], capture_output=True, text=True, check=True
+    )
     rows = json.loads(run.stdout)
     assert {(r["base"], r["branch"]): r["params"] for r in rows} == EXPECTED_PARAMS
     assert {"name", "base", "branch", "display_name", "params", "paper_error"} <= set(rows[0])
     assert next(r for r in rows if r["name"] == "allconv_c_allcnn")["paper_error"] == 9.08
-    table = subprocess.run([sys.executable, "-m", "allconv_cli", "models"], capture_output=True, text=True,
-                           check=True, env={"COLUMNS": "160", "PATH": ""}).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "allconv_cli", "models"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "160", "PATH": ""},
+    ).stdout
     assert "All-CNN-C" in table and "1,369,738" in table and "9.08" in table
-    summ = subprocess.run([sys.executable, "-m", "allconv_cli", "models", "--summary", "allconv_c_allcnn"],
-                          capture_output=True, text=True, check=True, env={"COLUMNS": "160", "PATH": ""}).stdout
+    summ = subprocess.run(
+        [sys.executable, "-m", "allconv_cli", "models", "--summary", "allconv_c_allcnn"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "160", "PATH": ""},
+    ).stdout
     assert "192 x 6 x 6" in summ and "1,369,738" in summ
 
 
 def test_models_cli_bad_name_is_one_line() -> None:
-    run = subprocess.run([sys.executable, "-m", "allconv_cli", "models", "--summary", "allconv_d_model"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "allconv_cli", "models", "--summary", "allconv_d_model"], capture_output=True, text=True
+    )
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "allconv_d_model" in run.stderr and "Traceback" not in run.stderr

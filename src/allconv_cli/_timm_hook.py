@@ -41,7 +41,9 @@ class _RegisteringLoader(importlib.abc.Loader):
 class _TimmFinder(importlib.abc.MetaPathFinder):
     """Finds timm through the other finders once, and hands back its spec with a registering loader."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "timm":
             return None
         sys.meta_path.remove(self)

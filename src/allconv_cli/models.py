@@ -49,7 +49,10 @@ class LayerSpec:
 def _conv(token: str) -> LayerSpec:
     _, kernel, out, *flags = token.replace("conv", "conv-", 1).split("-")
     return LayerSpec(
-        "conv", kernel=int(kernel), out=0 if out == "classes" else int(out), padded="valid" not in flags,
+        "conv",
+        kernel=int(kernel),
+        out=0 if out == "classes" else int(out),
+        padded="valid" not in flags,
         head=out == "classes",
     )
 
@@ -212,7 +215,9 @@ def describe(base: str, branch: str, num_classes: int = 10) -> dict[str, Any]:
     }
 
 
-def summary(base: str, branch: str, num_classes: int = 10, **options: Any) -> list[tuple[str, str, tuple[int, ...], int]]:
+def summary(
+    base: str, branch: str, num_classes: int = 10, **options: Any
+) -> list[tuple[str, str, tuple[int, ...], int]]:
     """(layer name, module repr, output shape, parameters) for each top-level layer on a 1x3x32x32 input."""
     model = build(base, branch, num_classes=num_classes, **options).eval()
     rows = []
@@ -258,4 +263,3 @@ def register_timm() -> None:
         fn = _entrypoint(base, branch)
         globals()[fn.__name__] = register_model(fn)
     _registered = True
-

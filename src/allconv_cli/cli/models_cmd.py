@@ -27,7 +27,7 @@ def models_command(fmt: str, summary_name: str | None, num_classes: int, bn: boo
         rows = models.summary(base, branch, num_classes=num_classes, bn=bn)
         if fmt == "json":
             keys = ("layer", "module", "output_shape", "params")
-            click.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
+            click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
             return
         table = Table(title=f"{models.TABLE3[(base, branch)].display_name} ({models.registry_name(base, branch)})")
         for column in ("layer", "module", "output (C, H, W)", "params"):
@@ -52,4 +52,4 @@ def models_command(fmt: str, summary_name: str | None, num_classes: int, bn: boo
         if row["branch"] == "allcnn" and row["base"] != "C":
             table.add_section()
     console.print(table)
-    console.print("Paper errors: CIFAR-10 test error without augmentation (Table 3); the lr was picked on the test set.")
+    console.print("Paper errors: CIFAR-10 test error, no augmentation (Table 3); the lr was picked on the test set.")
