@@ -6,6 +6,9 @@ torch, mlflow and optuna are imported inside the commands, so ``allconv --help``
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from allconv_cli import __version__
@@ -13,14 +16,30 @@ from allconv_cli.errors import AllconvError
 
 
 class AllconvGroup(click.Group):
-    """Turns :class:`AllconvError` into one line on stderr and exit code 2, never a traceback."""
+    """Every user error ends as one line on stderr and exit code 2, never a traceback.
 
-    def invoke(self, ctx: click.Context) -> object:
+    That covers our own :class:`AllconvError` (raised deep in the library) and click's usage errors, whose default
+    rendering spans several lines.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "allconv"
+            click.echo(f"Error: {exc.format_message()} (see '{command} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
         except AllconvError as exc:
             click.echo(f"Error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=AllconvGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -29,6 +48,7 @@ def main() -> None:
     """Reproduce and beat 'Striving for Simplicity: The All Convolutional Net' (Springenberg et al., 2015)."""
 
 
-from allconv_cli.cli import models_cmd  # noqa: E402  (commands register themselves on `main`)
+# Commands register themselves on `main`; each imports only click at module level.
+from allconv_cli.cli import bench_cmd, models_cmd, report_cmd, train_cmd  # noqa: E402
 
-__all__ = ["main", "models_cmd"]
+__all__ = ["bench_cmd", "main", "models_cmd", "report_cmd", "train_cmd"]

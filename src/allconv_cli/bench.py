@@ -1,0 +1,170 @@
+"""Throughput benchmark: the engine's real training step and evaluation on synthetic on-device data.
+
+It times :func:`allconv_cli.engine._train_epoch` itself (shuffle, slicing, augmentation, forward, backward,
+optimizer step), after a warm-up (cudnn autotuning, torch.compile), synchronising the device around the clock.
+``baseline`` times the loop most PyTorch code would write instead: a torchvision-style dataset of uint8 images
+through PIL with ``ToTensor``/``Normalize`` transforms, a ``DataLoader``, NCHW float32 — so the ratio says what the
+on-device pipeline and channels_last buy on this machine.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from allconv_cli.config import TrainConfig
+from allconv_cli.data import Dataset, Split
+from allconv_cli.engine import Hooks, _train_epoch, build_model, evaluate, make_optimizer, resolve_device
+
+
+@dataclass
+class BenchResult:
+    device: str
+    batch_size: int
+    steps: int
+    train_images_per_second: float
+    eval_images_per_second: float
+    ms_per_step: float
+    peak_memory_mb: float
+    compile: bool
+    amp: bool
+    baseline_images_per_second: float | None = None
+    speedup_vs_baseline: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _synthetic(n: int, device: torch.device, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Split(x, y).to(device, channels_last=True)
+
+
+def bench(
+    cfg: TrainConfig,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    eval_images: int = 5000,
+    baseline: bool = False,
+    baseline_workers: int = 0,
+) -> BenchResult:
+    """Time ``steps`` training steps of ``cfg``'s network (after ``warmup`` steps) and an evaluation pass."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_model(cfg, 10).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model, device)
+    step_model = torch.compile(model) if cfg.compile else model
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def run(n_steps: int) -> float:
+        train = _synthetic(n_steps * cfg.batch_size, device)
+        data = Dataset(
+            train=train, val=None, test=train, num_classes=10, classes=[str(i) for i in range(10)], fingerprint="bench"
+        )
+        _sync(device)
+        start = time.perf_counter()
+        _train_epoch(cfg, step_model, optimizer, data, device, generator, 1, Hooks())
+        _sync(device)
+        return time.perf_counter() - start
+
+    run(warmup)
+    seconds = run(steps)
+    test = _synthetic(eval_images, device, seed=1)
+    evaluate(model, test, amp=cfg.amp)  # warm-up of the eval shapes
+    _sync(device)
+    start = time.perf_counter()
+    evaluate(model, test, amp=cfg.amp)
+    _sync(device)
+    eval_seconds = time.perf_counter() - start
+    result = BenchResult(
+        device=str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        batch_size=cfg.batch_size,
+        steps=steps,
+        train_images_per_second=steps * cfg.batch_size / seconds,
+        eval_images_per_second=eval_images / eval_seconds,
+        ms_per_step=1000 * seconds / steps,
+        peak_memory_mb=_peak_memory_mb(device),
+        compile=cfg.compile,
+        amp=cfg.amp and device.type == "cuda",
+    )
+    if baseline:
+        result.baseline_images_per_second = baseline_loop(cfg, steps=steps, warmup=warmup, workers=baseline_workers)
+        result.speedup_vs_baseline = result.train_images_per_second / result.baseline_images_per_second
+    return result
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """What ``torchvision.datasets.CIFAR10`` does per item: uint8 HWC array -> PIL image -> transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def baseline_loop(cfg: TrainConfig, *, steps: int, warmup: int, workers: int = 0) -> float:
+    """Images/s of a plain PyTorch training loop: DataLoader + ToTensor/Normalize, NCHW, same model and batch."""
+    from torchvision import transforms
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, 10).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    n = (steps + warmup) * cfg.batch_size
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n)
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))]
+    )
+    loader = torch.utils.data.DataLoader(
+        _UInt8Images(images, labels, transform),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+    )
+    model.train()
+    start = None
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return steps * cfg.batch_size / (time.perf_counter() - start)

@@ -1,0 +1,81 @@
+"""``allconv bench``: training and evaluation throughput of one network on this machine."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from allconv_cli.cli import main
+from allconv_cli.cli.options import network_options
+
+
+@main.command("bench")
+@network_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), help="Timed training steps [default: 200 on GPU, 20 on CPU].")
+@click.option("--warmup", type=click.IntRange(min=1), help="Untimed steps first [default: 30 on GPU, 3 on CPU].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--compile/--no-compile", default=False, show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (CUDA only).")
+@click.option("--bn/--no-bn", default=False, show_default=True)
+@click.option("--baseline", is_flag=True, help="Also time a plain DataLoader + NCHW loop and print the ratio.")
+@click.option(
+    "--baseline-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DataLoader worker processes of the baseline.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def bench_command(
+    model: str,
+    branch: str,
+    batch_size: int,
+    steps: int | None,
+    warmup: int | None,
+    device: str,
+    compile: bool,
+    amp: bool,
+    bn: bool,
+    baseline: bool,
+    baseline_workers: int,
+    as_json: bool,
+) -> None:
+    """Time training steps and evaluation on synthetic data (after a warm-up) and print images/s."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from allconv_cli.bench import bench
+    from allconv_cli.config import TrainConfig
+    from allconv_cli.engine import resolve_device
+
+    on_gpu = resolve_device(device).type == "cuda"
+    cfg = TrainConfig(model=model, branch=branch, batch_size=batch_size, device=device, compile=compile, amp=amp, bn=bn)
+    result = bench(
+        cfg,
+        steps=steps or (200 if on_gpu else 20),
+        warmup=warmup or (30 if on_gpu else 3),
+        baseline=baseline,
+        baseline_workers=baseline_workers,
+    )
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+        return
+    table = Table(title=f"allconv bench: allconv_{model.lower()}_{branch}, batch {batch_size}", show_header=False)
+    rows = [
+        ("device", result.device),
+        ("train images/s", f"{result.train_images_per_second:,.0f}"),
+        ("ms per step", f"{result.ms_per_step:.2f}"),
+        ("eval images/s", f"{result.eval_images_per_second:,.0f}"),
+        ("peak memory", f"{result.peak_memory_mb:,.0f} MB"),
+        ("compile / bf16", f"{result.compile} / {result.amp}"),
+    ]
+    if result.baseline_images_per_second is not None:
+        rows += [
+            ("baseline images/s", f"{result.baseline_images_per_second:,.0f} (DataLoader + NCHW float32)"),
+            ("speed-up", f"{result.speedup_vs_baseline:.2f}x"),
+        ]
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

@@ -1,0 +1,104 @@
+"""``allconv train``: one tracked training run with the paper's protocol as defaults."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from allconv_cli.cli import main
+from allconv_cli.cli.options import (
+    data_options,
+    experiment_option,
+    hyperparameter_options,
+    network_options,
+)
+
+
+@main.command("train")
+@network_options
+@hyperparameter_options
+@data_options
+@experiment_option("allconv")
+@click.option("--run-name", help="MLflow run name [default: the network's name].")
+@click.option(
+    "--resume",
+    "resume_run_id",
+    metavar="RUN_ID",
+    help="Continue this MLflow run from its last checkpoint (its logged config is used).",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Upload the rolling 'last' checkpoint to MLflow every N epochs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (progress goes to stderr).")
+def train_command(
+    resume_run_id: str | None,
+    experiment: str,
+    run_name: str | None,
+    checkpoint_every: int,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Train one network and log params, per-epoch metrics, checkpoints and the model to MLflow.
+
+    Defaults are the paper's CIFAR-10 protocol: SGD with momentum 0.9, lr 0.05, weight decay 0.001, 350 epochs,
+    lr x0.1 after epochs 200, 250 and 300, dropout 20%/50%, GCN + ZCA whitening, no augmentation.
+    """
+    from rich.console import Console
+
+    from allconv_cli import tracking
+    from allconv_cli.config import TrainConfig
+    from allconv_cli.progress import RichProgress, summary_table
+    from allconv_cli.runner import run_tracked
+
+    console = Console(stderr=as_json)
+    if resume_run_id:
+        run = tracking.get_run(resume_run_id)
+        cfg = TrainConfig.from_params(run.data.params)
+        experiment_name = tracking.client().get_experiment(run.info.experiment_id).name
+        console.print(f"Resuming run {resume_run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")
+    else:
+        cfg = TrainConfig(**options)
+        experiment_name = experiment
+    name = run_name or f"allconv_{cfg.model.lower()}_{cfg.branch}"
+    with RichProgress(console, name) as progress:
+        outcome = run_tracked(
+            cfg,
+            experiment=experiment_name,
+            run_name=name,
+            resume_run_id=resume_run_id,
+            hooks=[progress],
+            checkpoint_every=checkpoint_every,
+        )
+    result = outcome.result
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": outcome.run_id,
+                    "status": result.status,
+                    "reason": result.reason,
+                    "epochs": result.epochs_completed,
+                    "val_accuracy": result.val_accuracy,
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "best_epoch": result.best_epoch,
+                    "test_accuracy": result.test_accuracy,
+                    "test_loss": result.test_loss,
+                    "images_per_second": result.images_per_second,
+                    "seconds": result.seconds,
+                    "tracking_uri": tracking.tracking_uri(),
+                    "experiment": experiment_name,
+                }
+            )
+        )
+    else:
+        console.print(summary_table(result, outcome.run_id))
+    if result.status == "interrupted":
+        console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}")
+        sys.exit(130)

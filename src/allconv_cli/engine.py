@@ -1,0 +1,371 @@
+"""The training loop: the paper's protocol, whole dataset on the device, hooks for everything else.
+
+This module knows nothing of MLflow, Optuna or the CLI. It trains one network on one :class:`~allconv_cli.data.Dataset`
+and reports through :class:`Hooks` (epoch end, checkpoint written, should we stop?), so the same loop serves
+``allconv train``, every search trial and ``allconv reproduce``. Batches are slices of tensors that already live on the
+device (no DataLoader), so on a GPU a step is pure device work; bf16 autocast and channels_last are used on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allconv_cli import models
+from allconv_cli.config import TrainConfig
+from allconv_cli.data import Dataset, Split, augment_batch, iterate_batches
+from allconv_cli.errors import AllconvError
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(AllconvError):
+    """A checkpoint that cannot be read back (truncated, corrupted, or from another format)."""
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch measured; ``None`` fields were not measured (no validation split, test not due)."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    lr: float
+    epoch_seconds: float
+    images_per_second: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class Hooks:
+    """Callbacks of the training loop. The defaults do nothing; override what you need."""
+
+    def on_start(self, cfg: TrainConfig, model: nn.Module, start_epoch: int) -> None:
+        """Called once before the first epoch (``start_epoch`` > 0 when resuming)."""
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        """Called after every finished epoch, before its checkpoint is reported."""
+
+    def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
+        """``kind`` is ``last`` (written every epoch) or ``best`` (best validation accuracy so far)."""
+
+    def should_stop(self, metrics: EpochMetrics) -> str | None:
+        """Return a status (e.g. ``pruned``) to end training after this epoch, or None to go on."""
+        return None
+
+    def on_batch_end(self, epoch: int, images_seen: int, images_total: int) -> None:
+        """Called after every optimizer step, for progress bars; must be cheap and must not synchronise."""
+
+
+class HookList(Hooks):
+    """Several hooks called in order; the first non-None ``should_stop`` wins."""
+
+    def __init__(self, hooks: Iterable[Hooks]) -> None:
+        self.hooks = list(hooks)
+
+    def on_start(self, cfg: TrainConfig, model: nn.Module, start_epoch: int) -> None:
+        for hook in self.hooks:
+            hook.on_start(cfg, model, start_epoch)
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        for hook in self.hooks:
+            hook.on_epoch_end(metrics)
+
+    def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
+        for hook in self.hooks:
+            hook.on_checkpoint(path, kind, epoch)
+
+    def should_stop(self, metrics: EpochMetrics) -> str | None:
+        return next((r for r in (h.should_stop(metrics) for h in self.hooks) if r), None)
+
+    def on_batch_end(self, epoch: int, images_seen: int, images_total: int) -> None:
+        for hook in self.hooks:
+            hook.on_batch_end(epoch, images_seen, images_total)
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. ``status``: finished, diverged, interrupted, or whatever a hook's ``should_stop`` returned."""
+
+    status: str
+    epochs_completed: int
+    model: nn.Module
+    reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    images_per_second: float = 0.0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("model", "history")}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; a CUDA device that is not there is a user error, not a crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise AllconvError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AllconvError(f"device {name!r} requested but CUDA is not available here: use --device cpu")
+    return device
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> models.AllConvNet:
+    return models.build(
+        cfg.model,
+        cfg.branch,
+        num_classes=num_classes,
+        bn=cfg.bn,
+        dropout_input=cfg.dropout_input,
+        dropout_hidden=cfg.dropout_hidden,
+        init=cfg.init,
+        init_std=cfg.init_std,
+        head_relu=cfg.head_relu,
+    )
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's SGD is *classic* momentum (timm calls it ``momentum``; timm's ``sgd`` is Nesterov).
+
+    Weight decay applies to every parameter, as in the paper's Caffe-era setup (no bias/BN exclusion).
+    """
+    params = model.parameters()
+    fast = {"foreach": True} if device.type == "cuda" else {}
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.optimizer == "nesterov",
+            **fast,
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, *, amp: bool = True, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a split, in large batches without gradients (dropout off)."""
+    was_training = model.training
+    model.eval()
+    device = split.x.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in iterate_batches(split, batch_size, shuffle=False):
+        with _autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename): a crash mid-write never leaves a half checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint, turning any corruption into a :class:`CheckpointError` that names the file."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} does not exist: start without --resume") from exc
+    except Exception as exc:  # zip/unpickling errors come in many types
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or unreadable ({type(exc).__name__}): delete it or start from scratch"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is not an allconv checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    data: Dataset,
+    *,
+    device: torch.device,
+    checkpoint_dir: Path,
+    hooks: Hooks | None = None,
+    resume_from: Path | None = None,
+) -> TrainResult:
+    """Train ``cfg`` on ``data`` (already on ``device``); checkpoint every epoch; resume exactly from a checkpoint.
+
+    The run is deterministic for a seed on CPU: model init and dropout draw from the global torch RNG seeded here,
+    shuffling and augmentation from a dedicated generator, and all three states travel in the checkpoint.
+    """
+    hooks = hooks or Hooks()
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg, data.num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model, device)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    start_epoch, best_acc, best_epoch, history = 0, None, None, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("device_type") == device.type:
+            generator.set_state(state["generator"].cpu())
+        else:  # another device type: shuffles differ from here on, everything else is exact
+            generator.manual_seed(cfg.seed + state["epoch"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        start_epoch, best_acc, best_epoch = state["epoch"], state["best_val_accuracy"], state["best_epoch"]
+        history = list(state["history"])
+    step_model = torch.compile(model) if cfg.compile else model
+    hooks.on_start(cfg, model, start_epoch)
+
+    status, reason, epoch = "finished", "", start_epoch
+    try:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            metrics = _train_epoch(cfg, step_model, optimizer, data, device, generator, epoch, hooks)
+            if not math.isfinite(metrics.train_loss):
+                status, reason = "diverged", f"training loss became {metrics.train_loss} in epoch {epoch}"
+                epoch -= 1
+                break
+            scheduler.step()
+            if data.val is not None:
+                metrics.val_loss, metrics.val_accuracy = evaluate(model, data.val, amp=cfg.amp)
+            if cfg.test_every and epoch % cfg.test_every == 0:
+                metrics.test_loss, metrics.test_accuracy = evaluate(model, data.test, amp=cfg.amp)
+            history.append(metrics.as_dict())
+            improved = metrics.val_accuracy is not None and (best_acc is None or metrics.val_accuracy > best_acc)
+            if improved:
+                best_acc, best_epoch = metrics.val_accuracy, epoch
+            hooks.on_epoch_end(metrics)
+            last = checkpoint_dir / "last.pt"
+            save_checkpoint(
+                last,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "config": cfg.to_dict(),
+                    "device_type": device.type,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "best_val_accuracy": best_acc,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "data_fingerprint": data.fingerprint,
+                },
+            )
+            hooks.on_checkpoint(last, "last", epoch)
+            if improved:
+                shutil.copyfile(last, checkpoint_dir / "best.pt")
+                hooks.on_checkpoint(checkpoint_dir / "best.pt", "best", epoch)
+            stop = hooks.should_stop(metrics)
+            if stop:
+                status, reason = stop, f"stopped by a hook after epoch {epoch}"
+                break
+    except KeyboardInterrupt:
+        status, reason = "interrupted", f"interrupted during epoch {epoch}; the last checkpoint holds epoch {epoch - 1}"
+        epoch -= 1
+
+    result = TrainResult(
+        status=status,
+        reason=reason,
+        epochs_completed=epoch,
+        model=model,
+        history=history,
+        best_val_accuracy=best_acc,
+        best_epoch=best_epoch,
+    )
+    if history:
+        result.val_accuracy = history[-1].get("val_accuracy")
+        result.val_loss = history[-1].get("val_loss")
+        speeds = [h["images_per_second"] for h in history[1:] or history]
+        result.images_per_second = sum(speeds) / len(speeds)
+    if status == "finished":
+        result.test_loss, result.test_accuracy = evaluate(model, data.test, amp=cfg.amp)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _train_epoch(
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    device: torch.device,
+    generator: torch.Generator,
+    epoch: int,
+    hooks: Hooks,
+) -> EpochMetrics:
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    drop_last = len(data.train) > cfg.batch_size
+    total = len(data.train) // cfg.batch_size * cfg.batch_size if drop_last else len(data.train)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for x, y in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last):
+        x = augment_batch(x, cfg.augment, generator).contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        hooks.on_batch_end(epoch, seen, total)
+    train_loss = loss_sum.item() / max(seen, 1)  # .item() synchronises, so the clock below is honest
+    seconds = time.perf_counter() - start
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=train_loss,
+        train_accuracy=correct.item() / max(seen, 1),
+        lr=lr,
+        epoch_seconds=seconds,
+        images_per_second=seen / seconds if seconds > 0 else 0.0,
+    )
