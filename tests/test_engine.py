@@ -165,3 +165,13 @@ def test_interrupt_keeps_last_checkpoint(data, tmp_path: Path) -> None:
     result = train(tiny(epochs=4), data, device=CPU, checkpoint_dir=tmp_path, hooks=CtrlC())
     assert result.status == "interrupted" and result.epochs_completed == 1
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_dead_network_is_stopped_as_collapsed(data, tmp_path: Path) -> None:
+    """All-zero weights: every ReLU is dead, the output is constant and no gradient can ever revive it."""
+    cfg = tiny(epochs=10, bn=False, init="gaussian", init_std=0.0, collapse_patience=3)
+    result = train(cfg, data, device=CPU, checkpoint_dir=tmp_path)
+    assert result.status == "collapsed" and result.epochs_completed == 3
+    assert "dead ReLUs" in result.reason and result.test_accuracy is None
+    healthy = train(tiny(epochs=2, collapse_patience=1), data, device=CPU, checkpoint_dir=tmp_path / "ok")
+    assert healthy.status == "finished"

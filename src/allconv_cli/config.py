@@ -15,6 +15,7 @@ from typing import Any
 from allconv_cli.errors import AllconvError
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES_HELP = "auto (cuda if available), cpu, cuda, cuda:N"
 
 
@@ -50,8 +51,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     amp: bool = True  # bf16 autocast, used on CUDA only
     test_every: int = 0  # also evaluate the test set every N epochs (0: only at the end); never used for selection
+    collapse_patience: int = 5  # stop as "collapsed" after N epochs of constant output (dead ReLUs); 0: never
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, logged but not used by the engine
 
     def __post_init__(self) -> None:
@@ -68,6 +71,11 @@ class TrainConfig:
             (0 <= self.momentum < 1, f"momentum={self.momentum}: must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: must be in [0, 1)"),
             (self.test_every >= 0, f"test_every={self.test_every}: must be >= 0"),
+            (self.collapse_patience >= 0, f"collapse_patience={self.collapse_patience}: must be >= 0 (0 disables)"),
+            (
+                self.compile_mode in COMPILE_MODES,
+                f"compile_mode={self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

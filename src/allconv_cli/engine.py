@@ -100,7 +100,7 @@ class HookList(Hooks):
 
 @dataclass
 class TrainResult:
-    """How a run ended. ``status``: finished, diverged, interrupted, or whatever a hook's ``should_stop`` returned."""
+    """How a run ended. ``status``: finished, diverged, collapsed, interrupted, or what ``should_stop`` returned."""
 
     status: str
     epochs_completed: int
@@ -153,7 +153,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
     Weight decay applies to every parameter, as in the paper's Caffe-era setup (no bias/BN exclusion).
     """
     params = model.parameters()
-    fast = {"foreach": True} if device.type == "cuda" else {}
+    fast = {"fused": True} if device.type == "cuda" else {}  # one kernel per step instead of one per tensor
     if cfg.optimizer in ("sgd", "nesterov"):
         return torch.optim.SGD(
             params,
@@ -188,6 +188,21 @@ def evaluate(model: nn.Module, split: Split, *, amp: bool = True, batch_size: in
     model.train(was_training)
     n = max(len(split), 1)
     return loss_sum.item() / n, correct.item() / n
+
+
+@torch.no_grad()
+def output_is_constant(model: nn.Module, split: Split, n: int = 256) -> bool:
+    """True when the network gives every input the same logits: all ReLUs before the head are dead.
+
+    Seen on an H100 with the paper's All-CNN-C (no BN, lr 0.05, Xavier init, ReLU on the class scores): after one
+    epoch every logit was 0 for every image and the validation loss sat at exactly ln(10) for the remaining 265
+    epochs. No gradient flows through a dead ReLU, so such a run can never recover and is stopped early.
+    """
+    was_training = model.training
+    model.eval()
+    logits = model(split.x[:n]).float()
+    model.train(was_training)
+    return bool((logits - logits[:1]).abs().max() <= 1e-6 * (1 + logits.abs().max()))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -239,7 +254,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    start_epoch, best_acc, best_epoch, history = 0, None, None, []
+    start_epoch, best_acc, best_epoch, history, constant_epochs = 0, None, None, [], 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, map_location=device)
         model.load_state_dict(state["model"])
@@ -254,7 +269,8 @@ def train(
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start_epoch, best_acc, best_epoch = state["epoch"], state["best_val_accuracy"], state["best_epoch"]
         history = list(state["history"])
-    step_model = torch.compile(model) if cfg.compile else model
+        constant_epochs = state.get("constant_epochs", 0)
+    step_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     hooks.on_start(cfg, model, start_epoch)
 
     status, reason, epoch = "finished", "", start_epoch
@@ -266,6 +282,7 @@ def train(
                 epoch -= 1
                 break
             scheduler.step()
+            constant_epochs = constant_epochs + 1 if output_is_constant(model, data.val or data.train) else 0
             if data.val is not None:
                 metrics.val_loss, metrics.val_accuracy = evaluate(model, data.val, amp=cfg.amp)
             if cfg.test_every and epoch % cfg.test_every == 0:
@@ -293,12 +310,20 @@ def train(
                     "best_epoch": best_epoch,
                     "history": history,
                     "data_fingerprint": data.fingerprint,
+                    "constant_epochs": constant_epochs,
                 },
             )
             hooks.on_checkpoint(last, "last", epoch)
             if improved:
                 shutil.copyfile(last, checkpoint_dir / "best.pt")
                 hooks.on_checkpoint(checkpoint_dir / "best.pt", "best", epoch)
+            if cfg.collapse_patience and constant_epochs >= cfg.collapse_patience:
+                status = "collapsed"
+                reason = (
+                    f"the network's output has been the same for every input for {constant_epochs} epochs "
+                    f"(dead ReLUs; it cannot recover), stopped after epoch {epoch}"
+                )
+                break
             stop = hooks.should_stop(metrics)
             if stop:
                 status, reason = stop, f"stopped by a hook after epoch {epoch}"

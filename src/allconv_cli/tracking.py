@@ -11,6 +11,7 @@ says otherwise, so ``mlflow ui`` started in the same directory shows everything.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import logging
 import os
@@ -35,7 +36,13 @@ from allconv_cli.errors import AllconvError
 T = TypeVar("T")
 TAG = "allconv."  # prefix of our own tags
 # engine status -> MLflow run status
-RUN_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "diverged": "FAILED", "interrupted": "KILLED"}
+RUN_STATUS = {
+    "finished": "FINISHED",
+    "pruned": "FINISHED",
+    "diverged": "FAILED",
+    "collapsed": "FAILED",
+    "interrupted": "KILLED",
+}
 
 
 def retrying(fn: Callable[..., T], *args: Any, attempts: int = 6, delay: float = 2.0, **kwargs: Any) -> T:
@@ -48,10 +55,19 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int = 6, delay: float =
         try:
             return fn(*args, **kwargs)
         except (MlflowException, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+                raise AllconvError(  # a full or read-only artifact location: retrying cannot help
+                    f"cannot write {exc.filename or 'MLflow artifacts'}: {exc.strerror} (the MLflow artifact "
+                    "location must be writable and have free space; or set MLFLOW_TRACKING_URI to another store)"
+                ) from exc
             if attempt == attempts - 1 or not _transient(exc):
                 raise
             time.sleep(delay * 2**attempt)
     raise AssertionError("unreachable")
+
+
+# Local storage errors that no retry fixes: no space, quota, read-only file system, no permission.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _transient(exc: Exception) -> bool:

@@ -16,6 +16,7 @@ PREPROCESSINGS = ("gcn-zca", "standardize", "none")
 AUGMENTATIONS = ("none", "flip-translate")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 INITS = ("xavier", "kaiming", "gaussian", "torch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 F = Callable[..., Any]
 
@@ -118,6 +119,20 @@ def hyperparameter_options(fn: F) -> F:
             click.option("--label-smoothing", type=float, default=0.0, show_default=True),
             click.option("--augment", type=click.Choice(AUGMENTATIONS), default="none", show_default=True),
             click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model."),
+            click.option(
+                "--compile-mode",
+                type=click.Choice(COMPILE_MODES),
+                default="default",
+                show_default=True,
+                help="torch.compile mode; reduce-overhead uses CUDA graphs (small batches are launch-bound).",
+            ),
+            click.option(
+                "--collapse-patience",
+                type=click.IntRange(min=0),
+                default=5,
+                show_default=True,
+                help="Stop a run whose output is constant (dead ReLUs) for N epochs; 0 never stops.",
+            ),
             click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA."),
             click.option(
                 "--test-every",
