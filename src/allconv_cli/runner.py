@@ -29,7 +29,7 @@ class RunOutcome:
 def prepare_data(cfg: TrainConfig, device_name: str | None = None) -> Dataset:
     """Load, split and preprocess on the CPU, then move the whole dataset to the training device once."""
     device = resolve_device(device_name or cfg.device)
-    return load_dataset(cfg.data_config()).to(device, channels_last=True)
+    return load_dataset(cfg.data_config(), device=device).to(device, channels_last=True)  # ZCA fit on the GPU too
 
 
 def run_tracked(
