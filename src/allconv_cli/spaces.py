@@ -1,0 +1,493 @@
+"""Search spaces: YAML files that say which :class:`~allconv_cli.config.TrainConfig` fields a search samples, how.
+
+A space is data, not code, so a study is reproducible from the file alone and the file is logged with the study.
+Every key is checked before a study starts, because a typo found after three hours of trials (``dropout_hiden``
+silently left at its default) costs the whole study. Errors are one line that names the file, the key and what is
+allowed. Format (see ``allconv spaces show default``)::
+
+    description: one line, shown by `allconv spaces`
+    sampler: tpe                  # tpe | random | grid (grid: every parameter categorical, every point once)
+    fixed:                        # TrainConfig values for every trial
+      momentum: 0.9
+    params:                       # TrainConfig field -> distribution
+      weight_decay: {type: float, low: 1.0e-5, high: 1.0e-2, log: true}
+      batch_size: {type: categorical, choices: [64, 128, 256]}
+      optimizer: {type: categorical, choices: [sgd, adam]}
+      lr:                         # one distribution per value of another field
+        type: float
+        log: true
+        depends_on: optimizer
+        cases:
+          sgd: {low: 0.005, high: 0.5}
+          adam: {low: 1.0e-5, high: 1.0e-2}
+
+A case may also be a plain value (``dropout_hidden`` depends on ``dropout_input`` with ``cases: {0.0: 0.0, 0.2:
+0.5}``), which needs no Optuna parameter and so also works in a grid. A dependent parameter with distributions is a
+separate Optuna parameter per case (``lr.sgd``, ``lr.adam``), because one TPE model over both lr ranges would mix two
+unrelated scales; the trial's config (and its MLflow params) still hold the plain field ``lr``.
+
+This module imports neither torch nor optuna at import time, so ``allconv spaces`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from allconv_cli.config import TrainConfig
+from allconv_cli.errors import AllconvError
+
+SAMPLERS = ("tpe", "random", "grid")
+TOP_KEYS = ("description", "sampler", "fixed", "params")
+DIST_TYPES = ("float", "int", "categorical")
+DIST_KEYS = {
+    "float": ("type", "low", "high", "log", "step"),
+    "int": ("type", "low", "high", "log", "step"),
+    "categorical": ("type", "choices"),
+}
+DEPENDENT_KEYS = ("depends_on", "cases")
+
+FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+# How a run executes, not what it learns: may be fixed but never sampled.
+NOT_SAMPLEABLE = ("device", "data_dir", "compile", "compile_mode", "amp", "extra", "milestones", "test_every",
+                  "collapse_patience")
+FIXABLE = tuple(name for name in FIELD_TYPES if name != "extra")
+SAMPLEABLE = tuple(name for name in FIELD_TYPES if name not in NOT_SAMPLEABLE)
+# Fields that change the data a trial sees: when a space samples one, each trial loads its own dataset.
+DATA_FIELDS = ("dataset", "subset", "val_size", "preprocess", "seed")
+
+
+class SpaceError(AllconvError):
+    """A search-space file that cannot be used; the message names the file and the key."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _base_type(name: str) -> tuple[str, bool]:
+    """``("float", False)`` for ``float``, ``("int", True)`` for ``int | None``."""
+    kind = FIELD_TYPES[name]
+    optional = kind.endswith("| None")
+    return kind.split(" |")[0].strip(), optional
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` as the type of TrainConfig field ``name``; raises ValueError with the reason.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings are accepted for numeric fields.
+    """
+    base, optional = _base_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} cannot be null")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} is true or false, not {value!r}")
+    if base == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"{name} is an integer, not {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name} is an integer, not {value!r}")
+    if base == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"{name} is a number, not {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name} is a number, not {value!r}")
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{name} is a string, not {value!r}")
+    if base.startswith("tuple"):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ValueError(f"{name} is a list of integers, not {value!r}")
+    raise ValueError(f"{name} cannot be set in a search space")
+
+
+def case_key(value: Any) -> str:
+    """The string a ``cases:`` entry is matched by (YAML keys and config values normalised the same way)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One Optuna distribution: ``float``/``int`` with low, high, log, step, or ``categorical`` with choices."""
+
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_float(name, float(self.low), float(self.high), log=self.log, step=self.step)
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return "{" + ", ".join(case_key(c) for c in self.choices) + "}"
+        extra = (" log" if self.log else "") + (f" step {self.step}" if self.step else "")
+        return f"{self.kind} [{self.low}, {self.high}]{extra}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A sampled field: one distribution, or one case (distribution or constant) per value of ``depends_on``."""
+
+    name: str
+    dist: Dist | None = None
+    depends_on: str | None = None
+    cases: dict[str, Dist | Any] = field(default_factory=dict)  # case_key(parent value) -> Dist or constant
+
+    def optuna_names(self) -> list[str]:
+        if self.dist is not None:
+            return [self.name]
+        return [f"{self.name}.{key}" for key, case in self.cases.items() if isinstance(case, Dist)]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    source: str  # the file it was read from
+    text: str  # the file's content, logged with the study
+    description: str = ""
+    sampler: str = "tpe"
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Param] = field(default_factory=dict)  # in sampling order: parents before dependents
+
+    @property
+    def sha(self) -> str:
+        """Identifies the space's meaning (not its comments or layout), to refuse resuming with another space."""
+        canon = {"sampler": self.sampler, "fixed": self.fixed, "params": {
+            n: {"dist": dataclasses.asdict(p.dist) if p.dist else None, "depends_on": p.depends_on,
+                "cases": {k: dataclasses.asdict(c) if isinstance(c, Dist) else c for k, c in p.cases.items()}}
+            for n, p in self.params.items()}}
+        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def sampled(self) -> tuple[str, ...]:
+        return tuple(self.params)
+
+    @property
+    def varies_data(self) -> bool:
+        return any(name in DATA_FIELDS for name in self.params)
+
+    def grid(self) -> dict[str, list[Any]]:
+        """The GridSampler search space: every independent parameter's choices."""
+        return {name: list(p.dist.choices) for name, p in self.params.items() if p.dist is not None}
+
+    def grid_size(self) -> int | None:
+        """Number of grid points (None unless the sampler is grid)."""
+        if self.sampler != "grid":
+            return None
+        return math.prod(len(choices) for choices in self.grid().values())
+
+    def check_base(self, base: dict[str, Any], origin: str = "the command line") -> None:
+        """Every dependent parameter whose parent is not sampled must have a case for the parent's actual value."""
+        for p in self.params.values():
+            if p.depends_on and p.depends_on not in self.params:
+                key = case_key(base.get(p.depends_on))
+                if key not in p.cases:
+                    raise SpaceError(
+                        f"space {self.source}: params.{p.name} depends on {p.depends_on}, which is {key} here "
+                        f"(from {origin}), but has cases only for {', '.join(p.cases)}"
+                    )
+
+    def sample(self, trial: Any, base: dict[str, Any]) -> dict[str, Any]:
+        """Draw this trial's values (``trial`` is an Optuna trial); ``base`` supplies parents that are not sampled."""
+        values: dict[str, Any] = {}
+        for p in self.params.values():
+            if p.dist is not None:
+                values[p.name] = p.dist.suggest(trial, p.name)
+                continue
+            assert p.depends_on is not None
+            parent = values[p.depends_on] if p.depends_on in values else base.get(p.depends_on)
+            key = case_key(parent)
+            if key not in p.cases:
+                raise SpaceError(f"space {self.source}: params.{p.name} has no case for {p.depends_on}={key}")
+            case = p.cases[key]
+            values[p.name] = case.suggest(trial, f"{p.name}.{key}") if isinstance(case, Dist) else case
+        return values
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [(name, f"fixed {value!r}") for name, value in self.fixed.items()]
+        for p in self.params.values():
+            if p.dist is not None:
+                rows.append((p.name, p.dist.describe()))
+            else:
+                cases = "; ".join(f"{k}: {c.describe() if isinstance(c, Dist) else repr(c)}"
+                                  for k, c in p.cases.items())
+                rows.append((p.name, f"by {p.depends_on}: {cases}"))
+        return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# finding spaces
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("allconv_cli") / "search_spaces"))
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    """A shipped space by name (``default``), else a file path (anything with a ``/`` or a ``.yaml``/``.yml``)."""
+    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or "\\" in name_or_path
+    if looks_like_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise SpaceError(f"search space file {name_or_path} does not exist: pass a .yaml file or one of "
+                             f"{', '.join(shipped_names())}")
+        return path
+    path = shipped_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name_or_path, shipped_names(), n=1)
+        did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
+        raise SpaceError(f"unknown search space {name_or_path!r}{did_you_mean}: shipped spaces are "
+                         f"{', '.join(shipped_names())}, or pass a path to a .yaml file")
+    return path
+
+
+def load(name_or_path: str) -> SearchSpace:
+    path = resolve(name_or_path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpaceError(f"cannot read search space file {path}: {exc.strerror}") from None
+    return parse(text, source=str(path), name=path.stem)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parsing and validation
+
+
+def _unknown(where: str, key: Any, allowed: tuple[str, ...] | list[str], what: str = "key") -> str:
+    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+    did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
+    return f"{where}: unknown {what} {key!r}{did_you_mean}: allowed are {', '.join(allowed)}"
+
+
+def parse(text: str, *, source: str = "<string>", name: str = "custom") -> SearchSpace:
+    """Parse and validate a space; every problem is a one-line :class:`SpaceError` naming ``source`` and the key."""
+    where = f"space {source}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpaceError(f"{where}: not valid YAML{at}: {_one_line(problem)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpaceError(f"{where}: the file must be a mapping with keys {', '.join(TOP_KEYS)}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise SpaceError(_unknown(where, key, TOP_KEYS))
+    description = data.get("description") or ""
+    if not isinstance(description, str) or "\n" in description.strip():
+        raise SpaceError(f"{where}: description must be one line of text")
+    sampler = data.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise SpaceError(f"{where}: sampler {sampler!r} is not allowed: use one of {', '.join(SAMPLERS)}")
+    fixed = _parse_fixed(where, data.get("fixed") or {})
+    raw_params = data.get("params") or {}
+    if not isinstance(raw_params, dict):
+        raise SpaceError(f"{where}: params must be a mapping of hyperparameter -> distribution")
+    params: dict[str, Param] = {}
+    for pname, spec in raw_params.items():
+        if pname not in SAMPLEABLE:
+            what = "hyperparameter" if pname not in FIELD_TYPES else "hyperparameter to sample"
+            raise SpaceError(_unknown(f"{where}: params", pname, SAMPLEABLE, what))
+        if pname in fixed:
+            raise SpaceError(f"{where}: {pname} is both fixed and sampled: keep one of fixed.{pname}, params.{pname}")
+        params[pname] = _parse_param(where, pname, spec)
+    _check_dependencies(where, params, sampler)
+    # parents before dependents (a parent is never itself dependent, see _check_dependencies)
+    ordered = {n: p for n, p in params.items() if p.dist is not None}
+    ordered.update({n: p for n, p in params.items() if p.dist is None})
+    space = SearchSpace(name=name, source=source, text=text, description=description.strip(), sampler=sampler,
+                        fixed=fixed, params=ordered)
+    return space
+
+
+def _parse_fixed(where: str, fixed: Any) -> dict[str, Any]:
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{where}: fixed must be a mapping of hyperparameter -> value")
+    out: dict[str, Any] = {}
+    for key, value in fixed.items():
+        if key not in FIXABLE:
+            raise SpaceError(_unknown(f"{where}: fixed", key, FIXABLE, "hyperparameter"))
+        try:
+            out[key] = coerce(key, value)
+        except ValueError as exc:
+            raise SpaceError(f"{where}: fixed.{key}: {exc}") from None
+        _check_value(f"{where}: fixed.{key}", key, out[key])
+    return out
+
+
+def _check_value(where: str, name: str, value: Any) -> None:
+    """Let TrainConfig's own checks judge one value (lr > 0, known optimizer, ...)."""
+    try:
+        TrainConfig(**{name: value})
+    except AllconvError as exc:
+        raise SpaceError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise SpaceError(f"{where}: {_one_line(exc)}") from None
+
+
+def _parse_param(where: str, name: str, spec: Any) -> Param:
+    at = f"{where}: params.{name}"
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{at}: give a mapping such as {{type: float, low: 0.01, high: 0.5}} "
+                         f"or {{type: categorical, choices: [...]}}")
+    if "depends_on" in spec or "cases" in spec:
+        parent = spec.get("depends_on")
+        if parent not in FIELD_TYPES or parent == name:
+            raise SpaceError(_unknown(f"{at}.depends_on", parent, [f for f in FIXABLE if f != name], "hyperparameter"))
+        cases = spec.get("cases")
+        if not isinstance(cases, dict) or not cases:
+            raise SpaceError(f"{at}: depends_on needs cases: a mapping of {parent} value -> distribution or value")
+        base = {k: v for k, v in spec.items() if k not in DEPENDENT_KEYS}
+        parsed: dict[str, Dist | Any] = {}
+        for raw_key, case in cases.items():
+            try:
+                key = case_key(coerce(parent, raw_key))
+            except ValueError as exc:
+                raise SpaceError(f"{at}.cases.{raw_key}: {exc}") from None
+            if isinstance(case, dict):
+                parsed[key] = _parse_dist(f"{at}.cases.{raw_key}", name, {**base, **case})
+            else:
+                if base:
+                    raise SpaceError(f"{at}.cases.{raw_key}: a plain value cannot be combined with "
+                                     f"{', '.join(base)} (give a mapping, or drop them)")
+                try:
+                    parsed[key] = coerce(name, case)
+                except ValueError as exc:
+                    raise SpaceError(f"{at}.cases.{raw_key}: {exc}") from None
+                _check_value(f"{at}.cases.{raw_key}", name, parsed[key])
+        return Param(name=name, depends_on=parent, cases=parsed)
+    return Param(name=name, dist=_parse_dist(at, name, spec))
+
+
+def _number(at: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpaceError(f"{at}.{key}: {value!r} is not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise SpaceError(f"{at}.{key}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise SpaceError(f"{at}.{key}: {value!r} is not a finite number")
+    return number
+
+
+def _parse_dist(at: str, name: str, spec: dict[str, Any]) -> Dist:
+    kind = spec.get("type", "categorical" if "choices" in spec else None)
+    if kind not in DIST_TYPES:
+        raise SpaceError(f"{at}.type: {kind!r} is not allowed: use one of {', '.join(DIST_TYPES)}")
+    for key in spec:
+        if key not in DIST_KEYS[kind]:
+            raise SpaceError(_unknown(f"{at} ({kind})", key, DIST_KEYS[kind]))
+    base, _ = _base_type(name)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{at}.choices: give a non-empty list of values")
+        try:
+            values = tuple(coerce(name, c) for c in choices)
+        except ValueError as exc:
+            raise SpaceError(f"{at}.choices: {exc}") from None
+        if len(set(map(case_key, values))) != len(values):
+            raise SpaceError(f"{at}.choices: {choices} has duplicates")
+        for value in values:
+            _check_value(f"{at}.choices", name, value)
+        return Dist("categorical", choices=values)
+    if base != kind:
+        allowed = "categorical" if base not in ("int", "float") else f"{base} or categorical"
+        raise SpaceError(f"{at}.type: {name} is {FIELD_TYPES[name]}, so type {kind} is not allowed: use {allowed}")
+    for key in ("low", "high"):
+        if key not in spec:
+            raise SpaceError(f"{at}: {kind} needs low and high")
+    low, high = _number(at, "low", spec["low"]), _number(at, "high", spec["high"])
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(f"{at}.log: {log!r} is not true or false")
+    step = _number(at, "step", spec["step"]) if spec.get("step") is not None else None
+    if kind == "int":
+        if not (low.is_integer() and high.is_integer() and (step is None or step.is_integer())):
+            raise SpaceError(f"{at}: int low, high and step must be whole numbers")
+        low, high = int(low), int(high)
+        step = int(step) if step is not None else None
+    if low >= high:
+        raise SpaceError(f"{at}: low {spec['low']} >= high {spec['high']}: low must be < high")
+    if log and low <= 0:
+        raise SpaceError(f"{at}.low: {spec['low']} with log: true: a log range needs low > 0")
+    if step is not None and step <= 0:
+        raise SpaceError(f"{at}.step: {spec['step']}: step must be > 0")
+    if step is not None and log:
+        raise SpaceError(f"{at}: step cannot be combined with log: true (Optuna does not support it)")
+    for key, value in (("low", low), ("high", high)):
+        _check_value(f"{at}.{key}", name, value)
+    return Dist(kind, low=low, high=high, log=log, step=step)
+
+
+def _check_dependencies(where: str, params: dict[str, Param], sampler: str) -> None:
+    for p in params.values():
+        if p.depends_on is None:
+            if sampler == "grid" and p.dist is not None and p.dist.kind != "categorical":
+                raise SpaceError(f"{where}: params.{p.name}: a grid needs every parameter as "
+                                 f"{{type: categorical, choices: [...]}}, not type {p.dist.kind}")
+            continue
+        parent = params.get(p.depends_on)
+        if parent is not None:
+            if parent.dist is None or parent.dist.kind != "categorical":
+                raise SpaceError(f"{where}: params.{p.name}.depends_on: {p.depends_on} must be a categorical "
+                                 f"parameter (or not sampled), so that each of its values has a case")
+            choices = [case_key(c) for c in parent.dist.choices]
+            missing = [c for c in choices if c not in p.cases]
+            extra = [c for c in p.cases if c not in choices]
+            if missing:
+                raise SpaceError(f"{where}: params.{p.name}.cases: no case for {p.depends_on}="
+                                 f"{', '.join(missing)}: give one case per choice ({', '.join(choices)})")
+            if extra:
+                raise SpaceError(f"{where}: params.{p.name}.cases: {', '.join(extra)} is not a choice of "
+                                 f"{p.depends_on}: the choices are {', '.join(choices)}")
+        if sampler == "grid" and any(isinstance(c, Dist) for c in p.cases.values()):
+            raise SpaceError(f"{where}: params.{p.name}: in a grid, dependent parameters can only have plain "
+                             f"values per case (GridSampler needs one fixed grid)")
