@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from allconv_cli.errors import AllconvError
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES_HELP = "auto (cuda if available), cpu, cuda, cuda:N"
+ENV_FAKE_SIZES = "ALLCONV_FAKE_SIZES"
 
 
 @dataclass
@@ -94,8 +96,18 @@ class TrainConfig:
         return [max(1, round(self.epochs * k / 7)) for k in (4, 5, 6)]
 
     def data_config(self):  # -> DataConfig; imported lazily because data.py pulls in torch
+        """The data part of the run. ``$ALLCONV_FAKE_SIZES=TRAIN,TEST`` resizes ``--dataset fake`` (tests, smoke
+        runs); the sizes enter the data fingerprint, so runs record them in their ``allconv.data_hash`` tag."""
         from allconv_cli.data import DataConfig
 
+        sizes = {}
+        raw = os.environ.get(ENV_FAKE_SIZES)
+        if raw and self.dataset == "fake":
+            try:
+                train, test = (int(v) for v in raw.split(","))
+            except ValueError:
+                raise AllconvError(f"${ENV_FAKE_SIZES}={raw!r}: give TRAIN,TEST image counts, e.g. 400,100") from None
+            sizes = {"fake_train_size": train, "fake_test_size": test}
         return DataConfig(
             dataset=self.dataset,
             data_dir=self.data_dir,
@@ -103,6 +115,7 @@ class TrainConfig:
             val_size=self.val_size,
             preprocess=self.preprocess,
             seed=self.seed,
+            **sizes,
         )
 
     def to_dict(self) -> dict[str, Any]:

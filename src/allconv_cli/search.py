@@ -88,8 +88,6 @@ DEFAULT_GRACE_PERIOD = 60
 DEFAULT_MAX_RETRY = 3
 # How a run executes rather than what it learns: may differ between the invocations (and hosts) of one study.
 EXECUTION_FIELDS = ("device", "data_dir", "compile", "compile_mode", "amp", "test_every", "extra")
-# Test and smoke-run knob: "TRAIN,TEST" sizes of --dataset fake (DataConfig has them, the CLI does not).
-ENV_FAKE_SIZES = "ALLCONV_FAKE_SIZES"
 # SearchSettings.objective -> what the parent run's `objective` param says
 OBJECTIVES = {
     "val_accuracy": "final validation accuracy (maximise)",
@@ -309,7 +307,11 @@ def create_or_load_study(settings: SearchSettings, storage: RDBStorage) -> tuple
                            f"{space.source}: use the same --space, or another --study-name")
     old_base = attrs.get(BASE_ATTR, {})
     new_base = _comparable(settings.base_config, space)
-    changed = sorted(k for k in set(old_base) | set(new_base) if old_base.get(k) != new_base.get(k))
+    # a field the stored config lacks was added to TrainConfig later: at its default it changes nothing
+    defaults = TrainConfig().to_dict()
+    changed = sorted(
+        k for k in set(old_base) | set(new_base) if old_base.get(k, defaults.get(k)) != new_base.get(k, defaults.get(k))
+    )
     if changed:
         was = ", ".join(f"{k}={old_base.get(k)!r}" for k in changed)
         now = ", ".join(f"{k}={new_base.get(k)!r}" for k in changed)
@@ -454,15 +456,7 @@ def host_lock(settings: SearchSettings) -> Iterator[None]:
 
 
 def data_config_for(cfg: TrainConfig) -> DataConfig:
-    dc = cfg.data_config()
-    sizes = os.environ.get(ENV_FAKE_SIZES)
-    if sizes and cfg.dataset == "fake":
-        try:
-            train, test = (int(v) for v in sizes.split(","))
-        except ValueError:
-            raise AllconvError(f"${ENV_FAKE_SIZES}={sizes!r}: give TRAIN,TEST image counts, e.g. 400,100") from None
-        dc = dataclasses.replace(dc, fake_train_size=train, fake_test_size=test)
-    return dc
+    return cfg.data_config()
 
 
 class DataCache:

@@ -1,0 +1,39 @@
+"""``allconv report``: the paper's Table 3 next to our MLflow results, search studies and ablations."""
+
+from __future__ import annotations
+
+import click
+
+from allconv_cli.cli import main
+
+
+@main.command("report")
+@click.option("--experiment", "experiments", multiple=True, metavar="NAME",
+              help="MLflow experiment to read; repeat for several [default: every experiment in the store].")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True, help="csv holds Table 3 only; json holds everything, with a rerun command per row.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
+              help="Also write a bar chart of paper vs ours per network.")
+def report_command(experiments: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
+    """Print Table 3 of the paper next to the `allconv reproduce` results found in MLflow.
+
+    One row per network, in the paper's order: the paper's test error and parameter count, the 2020 PyTorch
+    reproduction's error, and ours under each protocol that was run (paper: lr chosen on the test set, as the
+    paper did; validated: lr chosen on a validation split), with the lr chosen, ours - paper in points and the
+    number of diverged runs. Networks not run show as '-'. Also lists `allconv search` studies and the BN x dropout
+    and SGD vs Adam ablations when the experiments hold them. Reads MLFLOW_TRACKING_URI (default sqlite:///mlflow.db).
+    """
+    from allconv_cli import report
+
+    result = report.build_report(list(experiments) or None)
+    if fmt == "json":
+        click.echo(report.render_json(result))
+    elif fmt == "csv":
+        click.echo(report.render_csv(result), nl=False)
+    elif fmt == "markdown":
+        click.echo(report.render_markdown(result), nl=False)
+    else:
+        report.render_rich(result, report.wide_console())
+    if plot_path:
+        report.plot(result, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)

@@ -1,0 +1,319 @@
+"""``allconv reproduce``: the paper's Table 3 experiment, one Optuna grid study per network, on search's machinery.
+
+Why it is built on :mod:`allconv_cli.search` rather than a loop over ``allconv train``:
+
+* A reproduction is a hyperparameter search with a fixed grid: the paper trained each network once per learning
+  rate in {0.25, 0.1, 0.05, 0.01} and reported the best. As an Optuna study with a ``GridSampler`` it gets
+  everything ``allconv search`` has: every trial is an MLflow child run of one parent run per study; rerunning the
+  command resumes (finished lrs are not trained again, an interrupted one continues from its checkpoint); several
+  processes or hosts sharing ``--storage`` split the grid between them, and a lost worker's trial is retried.
+* One study per network and protocol, named ``reproduce-<protocol>-allconv_<base>_<branch>-<key>``, where ``key``
+  hashes every setting that changes what a trial learns (epochs, data, lrs, ...). The same command therefore
+  resumes its studies, while a smoke run with ``--epochs 2`` and the real run never mix; ``allconv report``
+  reports the most recent study of each network.
+* Two protocols. ``paper``: train on all training images (``val_size=0``) and, as the paper did, pick the lr by
+  test error; the Optuna objective is then the test accuracy, which is honest about what that selection is.
+  ``validated``: hold out ``--val-size`` images, the objective is the final validation accuracy, and the report
+  quotes the test error of the run the validation split picked.
+* Processes that share a storage go through the networks in the same order, take whatever lrs are still free,
+  and only at the end wait for trials running elsewhere (so a lost worker's trial is retried): N hosts running the
+  same command spread over all 12 x 4 trials instead of waiting on each other network by network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from allconv_cli.errors import AllconvError
+from allconv_cli.paper import PAPER_EPOCHS, PAPER_LRS, TABLE3
+
+BASES: tuple[str, ...] = ("A", "B", "C")
+BRANCHES: tuple[str, ...] = ("model", "strided", "convpool", "allcnn")
+PROTOCOLS: tuple[str, ...] = ("paper", "validated")
+KIND = "reproduce"
+DEFAULT_EXPERIMENT = "allconv-reproduce"
+# The paper's hyperparameters other than the lr (Section 3.2.1), fixed in every study's space, so the space logged
+# with the study states them even if TrainConfig's defaults ever change.
+PAPER_FIXED: dict[str, Any] = {
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 0.001,
+    "dropout_input": 0.2,
+    "dropout_hidden": 0.5,
+    "bn": False,
+    "init": "xavier",
+    "head_relu": True,
+    "batch_size": 128,
+    "augment": "none",
+    "label_smoothing": 0.0,
+    "lr_gamma": 0.1,
+    "milestones": None,  # 4/7, 5/7, 6/7 of the epochs: 200, 250, 300 of 350
+}
+OBJECTIVE = {"paper": "test_accuracy", "validated": "val_accuracy"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parsing the lists of the command line
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_models(text: str) -> list[str]:
+    """``"A,c"`` -> ``["A", "C"]``; an unknown base names itself and the allowed ones."""
+    out = []
+    for item in _items(text):
+        if item.upper() not in BASES:
+            raise AllconvError(f"--models: unknown base network {item!r}: choose from {', '.join(BASES)}")
+        if item.upper() not in out:
+            out.append(item.upper())
+    if not out:
+        raise AllconvError(f"--models {text!r}: give at least one of {', '.join(BASES)}")
+    return out
+
+
+def parse_branches(text: str) -> list[str]:
+    out = []
+    for item in _items(text):
+        if item.lower() not in BRANCHES:
+            raise AllconvError(f"--branches: unknown branch {item!r}: choose from {', '.join(BRANCHES)}")
+        if item.lower() not in out:
+            out.append(item.lower())
+    if not out:
+        raise AllconvError(f"--branches {text!r}: give at least one of {', '.join(BRANCHES)}")
+    return out
+
+
+def parse_lrs(text: str) -> list[float]:
+    out: list[float] = []
+    for item in _items(text):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value < float("inf")):
+            raise AllconvError(f"--lrs: {item!r} is not a learning rate: give numbers > 0, e.g. "
+                               f"{','.join(f'{lr:g}' for lr in PAPER_LRS)}")
+        if value not in out:
+            out.append(value)
+    if not out:
+        raise AllconvError(f"--lrs {text!r}: give at least one learning rate, e.g. 0.05")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class ReproducePlan:
+    """What ``allconv reproduce`` was asked to do; one study per (protocol, network)."""
+
+    models: list[str] = field(default_factory=lambda: list(BASES))
+    branches: list[str] = field(default_factory=lambda: list(BRANCHES))
+    protocols: list[str] = field(default_factory=lambda: ["paper"])
+    lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))
+    epochs: int = PAPER_EPOCHS
+    data: dict[str, Any] = field(default_factory=dict)  # dataset, data_dir, subset, val_size, preprocess, seed, device
+    experiment: str = DEFAULT_EXPERIMENT
+    storage_url: str | None = None  # None: search's default, sqlite:///optuna.db in the working directory
+    workers: int = 1
+
+    def networks(self) -> list[tuple[str, str]]:
+        """In the paper's Table 3 order, whatever order the options listed them in."""
+        return [key for key in TABLE3 if key[0] in self.models and key[1] in self.branches]
+
+    def studies(self) -> list[tuple[str, str, str]]:
+        return [(protocol, base, branch) for protocol in self.protocols for base, branch in self.networks()]
+
+
+def base_config(plan: ReproducePlan, base: str, branch: str, protocol: str) -> dict[str, Any]:
+    """The TrainConfig of every trial of one study, before the lr is set by the grid."""
+    from allconv_cli.config import TrainConfig
+
+    data = dict(plan.data)
+    if protocol == "paper":
+        data["val_size"] = 0  # the paper trained on all 50,000 training images
+    elif int(data.get("val_size", 5000)) <= 0:
+        raise AllconvError("--protocol validated selects the lr on a validation split: pass --val-size > 0")
+    cfg = TrainConfig(model=base, branch=branch, epochs=plan.epochs, **PAPER_FIXED, **data)
+    return cfg.to_dict()
+
+
+def grid_space_text(lrs: Sequence[float], protocol: str) -> str:
+    """The search-space YAML of a reproduction: the paper's fixed values and the lr grid (logged with the study)."""
+    selection = "test error (as the paper)" if protocol == "paper" else "final validation accuracy"
+    fixed = {k: v for k, v in PAPER_FIXED.items() if v is not None}
+    lines = [
+        "# allconv reproduce: the paper's protocol (Springenberg et al. 2015, Section 3.2.1), one trial per lr.",
+        f"description: the paper's lr grid, everything else at the paper's values; lr chosen by {selection}",
+        "sampler: grid",
+        "fixed:",
+        *(f"  {k}: {json.dumps(v)}" for k, v in fixed.items()),
+        "params:",
+        f"  lr: {{type: categorical, choices: {json.dumps([float(lr) for lr in lrs])}}}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def study_key(base: dict[str, Any], lrs: Sequence[float]) -> str:
+    """8 hex digits over everything that changes what a trial learns.
+
+    Execution details (device, data folder) are left out, so hosts with other paths share the study; so are values
+    equal to TrainConfig's defaults, so a TrainConfig field added later (at its default) does not rename a study.
+    """
+    from allconv_cli.config import TrainConfig
+    from allconv_cli.search import EXECUTION_FIELDS
+
+    defaults = TrainConfig().to_dict()
+    learned = {
+        k: v for k, v in base.items()
+        if k not in EXECUTION_FIELDS and k != "lr" and (k not in defaults or v != defaults[k])
+    }
+    learned.update({k: base[k] for k in ("model", "branch", "epochs", "dataset", "val_size") if k in base})
+    text = json.dumps({"base": learned, "lrs": sorted(float(lr) for lr in lrs)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def study_name(protocol: str, base: str, branch: str, key: str) -> str:
+    return f"reproduce-{protocol}-allconv_{base.lower()}_{branch}-{key}"
+
+
+def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, *, wait_for_others: bool = False,
+                    heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
+    """The :class:`~allconv_cli.search.SearchSettings` of one network's study."""
+    from allconv_cli import search, spaces
+
+    cfg = base_config(plan, base, branch, protocol)
+    text = grid_space_text(plan.lrs, protocol)
+    space = spaces.parse(text, source=f"allconv reproduce --protocol {protocol}", name=f"reproduce-{protocol}")
+    key = study_key(cfg, plan.lrs)
+    tags = {
+        f"{search.TAG}kind": KIND,
+        f"{search.TAG}protocol": protocol,
+        f"{search.TAG}lrs": ",".join(f"{lr:g}" for lr in plan.lrs),
+    }
+    extra: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        extra["heartbeat_interval"] = heartbeat_interval
+    if grace_period is not None:
+        extra["grace_period"] = grace_period
+    return search.SearchSettings(
+        study_name=study_name(protocol, base, branch, key),
+        storage_url=plan.storage_url or search.default_storage_url(),
+        experiment=plan.experiment,
+        space_source=space.source,
+        space_name=space.name,
+        space_text=space.text,
+        base_config=cfg,
+        trials=len(plan.lrs),
+        pruner="none",  # every lr trains the full schedule, as in the paper
+        seed=int(cfg["seed"]),
+        workers=plan.workers,
+        run_tags=tags,
+        objective=OBJECTIVE[protocol],
+        wait_for_others=wait_for_others,
+        **extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class StudyOutcome:
+    protocol: str
+    base: str
+    branch: str
+    study_name: str
+    experiment: str
+    status: str  # done, pending (trials running elsewhere) or interrupted
+    parent_run_id: str | None
+    finished: int
+    target: int
+    seconds: float
+
+
+def run_study(settings: Any, console: Any, storage: Any) -> tuple[str, int, bool]:
+    """Create or resume one study and run its free trials; returns (status, finished trials, whether any ran).
+
+    ``settings.parent_run_id`` and ``settings.experiment`` are set to the study's parent run and its experiment.
+    """
+    from allconv_cli import search
+
+    study, created = search.create_or_load_study(settings, storage)
+    space = settings.space()
+    settings.parent_run_id = search.ensure_parent_run(study, settings, space, creator=created)
+    settings.experiment = _experiment_of(settings.parent_run_id, settings.experiment)
+    search._set_tags(settings.parent_run_id, settings.run_tags)  # also on parents made before the tags existed
+    with search.host_lock(settings):
+        search.requeue_interrupted(study)
+    counts = search.count_trials(study.get_trials(deepcopy=False))
+    if counts.finished >= settings.trials and not counts.running and not counts.waiting:
+        return "done", counts.finished, False
+    if not settings.wait_for_others and counts.waiting == 0 and counts.reserved >= settings.trials:
+        return "pending", counts.finished, False  # every lr is taken by another process
+    if settings.workers > 1:
+        search.preload_data(settings)
+    search.open_parent(settings.parent_run_id)
+    status = search.run_search(settings, study, storage, console)
+    counts = search.count_trials(study.get_trials(deepcopy=False))
+    if status in ("busy", "timeout") and counts.finished < settings.trials:
+        status = "pending"
+    elif status != "interrupted":
+        status = "done"
+    search.close_parent(settings.parent_run_id, {"pending": "timeout"}.get(status, status), settings)
+    if status == "done" and settings.objective == "val_accuracy":
+        search.summarize(study, settings, console)  # best lr, trials CSV and plots on the parent run
+    return status, counts.finished, True
+
+
+def _experiment_of(run_id: str, wanted: str) -> str:
+    """Trials go where the study's parent run is (an older study may live in another experiment)."""
+    from allconv_cli import tracking
+
+    run = tracking.get_run(run_id)
+    return tracking.client().get_experiment(run.info.experiment_id).name or wanted
+
+
+def reproduce(plan: ReproducePlan, console: Any, **settings_options: Any) -> list[StudyOutcome]:
+    """Run every study of ``plan``: first a pass taking the free lrs of each network, then a pass that waits for
+    trials still running elsewhere. Stops at the first interruption (rerunning the command resumes)."""
+    from allconv_cli import search
+
+    storage_url = plan.storage_url or search.default_storage_url()
+    storage = search.open_storage(storage_url, **{k: v for k, v in settings_options.items() if v is not None})
+    outcomes: dict[tuple[str, str, str], StudyOutcome] = {}
+    for wait in (False, True):
+        for protocol, base, branch in plan.studies():
+            previous = outcomes.get((protocol, base, branch))
+            if previous is not None and previous.status == "done":
+                continue
+            settings = search_settings(plan, protocol, base, branch, wait_for_others=wait, **settings_options)
+            name = TABLE3[(base, branch)].display_name
+            console.rule(f"{name}, protocol {protocol}: {len(plan.lrs)} lrs x {plan.epochs} epochs "
+                         f"({settings.study_name})")
+            started = time.perf_counter()
+            status, finished, ran = run_study(settings, console, storage)
+            outcomes[(protocol, base, branch)] = StudyOutcome(
+                protocol, base, branch, settings.study_name, settings.experiment, status, settings.parent_run_id,
+                finished, settings.trials, time.perf_counter() - started + (previous.seconds if previous else 0.0),
+            )
+            if status == "done" and not ran:
+                console.print(f"{name} ({protocol}): all {settings.trials} lrs already done in study "
+                              f"{settings.study_name}", highlight=False)
+            elif status == "pending":
+                console.print(f"{name} ({protocol}): the remaining lrs are running elsewhere; coming back to them "
+                              "at the end", highlight=False)
+            if status == "interrupted":
+                return list(outcomes.values())
+        if all(o.status == "done" for o in outcomes.values()):
+            break
+    return list(outcomes.values())

@@ -1,0 +1,236 @@
+"""`allconv train` end to end: real CIFAR-10, MLflow contents, model reload, resume, Ctrl-C, bench, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def allconv(args: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run(
+        [sys.executable, "-m", "allconv_cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The issue's check: 2 epochs on a 2,000-image subset of real CIFAR-10, default MLflow store in the cwd."""
+    cwd = tmp_path_factory.mktemp("train")
+    run = allconv(
+        [
+            "train",
+            "--model",
+            "A",
+            "--branch",
+            "strided",
+            "--data-dir",
+            str(CIFAR),
+            "--subset",
+            "2000",
+            "--val-size",
+            "1000",
+            "--epochs",
+            "2",
+            "--bn",
+            "--lr",
+            "0.05",
+            "--json",
+        ],
+        cwd,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return cwd, json.loads(run.stdout)
+
+
+def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
+    cwd, out = real_run
+    assert {"run_id", "status", "epochs", "val_accuracy", "test_accuracy", "images_per_second"} <= set(out)
+    assert out["status"] == "finished" and out["epochs"] == 2
+    # 2 epochs (31 steps) are too few to beat chance reliably on real data (learning is tested in test_engine)
+    assert 0.0 <= out["test_accuracy"] <= 1.0 and out["images_per_second"] > 0
+    assert (cwd / "mlflow.db").exists() and (cwd / "mlruns").is_dir()  # MLflow's own default store
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.data.params["lr"] == "0.05" and run.data.params["subset"] == "2000"
+    assert run.data.params["weight_decay"] == "0.001" and run.data.params["lr_milestones"] == "[1, 1, 2]"
+    assert run.data.tags["allconv.model"] == "A" and run.data.tags["allconv.branch"] == "strided"
+    assert run.data.tags["allconv.status"] == "finished" and run.info.status == "FINISHED"
+    assert len(run.data.tags["allconv.data_hash"]) >= 8 and run.data.tags["allconv.device"] == "cpu"
+    history = client.get_metric_history(out["run_id"], "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "val_loss", "lr", "epoch_seconds", "images_per_second"):
+        assert len(client.get_metric_history(out["run_id"], key)) == 2, key
+    assert run.data.metrics["test_accuracy"] == pytest.approx(out["test_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "checkpoints")}
+    assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+
+
+def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, dict]) -> None:
+    cwd, out = real_run
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{out['run_id']}/model").eval()
+    ckpt_path = mlflow.MlflowClient().download_artifacts(out["run_id"], "checkpoints/last.pt", str(cwd))
+    state = torch.load(ckpt_path, weights_only=True)
+    from allconv_cli.config import TrainConfig
+    from allconv_cli.engine import build_model
+
+    reference = build_model(TrainConfig.from_dict(state["config"]), 10)
+    reference.load_state_dict(state["model"])
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(model(x), reference.eval()(x))
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{out['run_id']}/model")
+    assert np.allclose(pyfunc.predict(x.numpy()), reference(x).detach().numpy(), atol=1e-5)
+
+
+def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """--resume picks up the last checkpoint of a run and logs into the same run (here: an epoch-3 extension)."""
+    cwd, _ = real_run
+    first = allconv(
+        [
+            "train",
+            "--model",
+            "A",
+            "--branch",
+            "model",
+            "--dataset",
+            "fake",
+            "--subset",
+            "200",
+            "--val-size",
+            "100",
+            "--preprocess",
+            "standardize",
+            "--epochs",
+            "1",
+            "--bn",
+            "--json",
+        ],
+        cwd,
+    )
+    run_id = json.loads(first.stdout)["run_id"]
+    again = allconv(["train", "--resume", run_id, "--json"], cwd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = json.loads(again.stdout)
+    assert out["run_id"] == run_id and out["epochs"] == 1  # the run was complete: nothing left to train
+    bad = allconv(["train", "--resume", "0123456789abcdef"], cwd)
+    assert bad.returncode == 2 and "0123456789abcdef" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "allconv_cli",
+            "train",
+            "--model",
+            "A",
+            "--branch",
+            "model",
+            "--dataset",
+            "fake",
+            "--subset",
+            "200",
+            "--val-size",
+            "100",
+            "--preprocess",
+            "standardize",
+            "--epochs",
+            "200",
+            "--bn",
+            "--json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    client = None
+    while time.time() < deadline:  # wait until an epoch's checkpoint is in MLflow
+        time.sleep(2)
+        if not (tmp_path / "mlflow.db").exists():
+            continue
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        try:  # the trainer may still be creating the database's tables
+            client = mlflow.MlflowClient()
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        except Exception:
+            continue
+        if runs and "allconv.checkpoint_last_epoch" in runs[0].data.tags:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    out = json.loads(stdout)
+    assert out["status"] == "interrupted"
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["allconv.status"] == "interrupted"
+    assert int(run.data.tags["allconv.checkpoint_last_epoch"]) >= 1
+    assert "allconv train --resume" in stderr
+
+
+def test_user_errors_are_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["train", "--model", "D"], "'D'"),
+        (["train", "--branch", "pooled"], "'pooled'"),
+        (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")], "nowhere"),
+        (["train", "--dataset", "fake", "--subset", "-5"], "subset=-5"),
+        (["train", "--data-dir", str(tmp_path)], str(tmp_path)),
+        (["train", "--no-such-option"], "--no-such-option"),
+    ]
+    for args, needle in cases:
+        run = allconv(args, tmp_path)
+        assert run.returncode == 2, (args, run.stderr)
+        assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a bad command
+
+
+def test_bench_json(tmp_path: Path) -> None:
+    run = allconv(
+        [
+            "bench",
+            "--model",
+            "A",
+            "--branch",
+            "strided",
+            "--batch-size",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    assert {"train_images_per_second", "eval_images_per_second", "ms_per_step", "peak_memory_mb", "device"} <= set(out)
+    assert out["train_images_per_second"] > 0 and out["peak_memory_mb"] > 0 and out["device"] == "cpu"
