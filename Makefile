@@ -18,5 +18,6 @@ test: install lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/allconv search --model C --branch allcnn --dataset fake --trials 6 --epochs 2 --bn
+	$(VENV)/bin/allconv search --model A --branch model --dataset fake --subset 500 --val-size 200 \
+		--preprocess standardize --epochs 2 --bn --trials 6
 	$(VENV)/bin/allconv report

@@ -18,8 +18,20 @@ import torch
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
+# A run on small fake data, as fast as a CLI run gets on a CPU.
+FAKE_TRAIN = [
+    *("train", "--model", "A", "--branch", "model", "--dataset", "fake", "--subset", "200", "--val-size", "100"),
+    *("--preprocess", "standardize", "--bn", "--json"),
+]
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without MLFLOW_*: the commands must use MLflow's own default store in their cwd."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
 def allconv(args: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = clean_env()
     return subprocess.run(
         [sys.executable, "-m", "allconv_cli", *args],
         cwd=cwd,
@@ -104,30 +116,9 @@ def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, d
 
 
 def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Path) -> None:
-    """--resume picks up the last checkpoint of a run and logs into the same run (here: an epoch-3 extension)."""
+    """--resume reads the run's config and last checkpoint and logs into the same run; a bad id is one line."""
     cwd, _ = real_run
-    first = allconv(
-        [
-            "train",
-            "--model",
-            "A",
-            "--branch",
-            "model",
-            "--dataset",
-            "fake",
-            "--subset",
-            "200",
-            "--val-size",
-            "100",
-            "--preprocess",
-            "standardize",
-            "--epochs",
-            "1",
-            "--bn",
-            "--json",
-        ],
-        cwd,
-    )
+    first = allconv([*FAKE_TRAIN, "--epochs", "1"], cwd)
     run_id = json.loads(first.stdout)["run_id"]
     again = allconv(["train", "--resume", run_id, "--json"], cwd)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -138,30 +129,9 @@ def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Pa
 
 
 def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = clean_env()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "allconv_cli",
-            "train",
-            "--model",
-            "A",
-            "--branch",
-            "model",
-            "--dataset",
-            "fake",
-            "--subset",
-            "200",
-            "--val-size",
-            "100",
-            "--preprocess",
-            "standardize",
-            "--epochs",
-            "200",
-            "--bn",
-            "--json",
-        ],
+        [sys.executable, "-m", "allconv_cli", *FAKE_TRAIN, "--epochs", "200"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
