@@ -27,6 +27,13 @@ from allconv_cli.cli.options import network_options
     show_default=True,
     help="DataLoader worker processes of the baseline.",
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Repeat the timing (alternating with --baseline) and keep the best round of each.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def bench_command(
     model: str,
@@ -40,6 +47,7 @@ def bench_command(
     bn: bool,
     baseline: bool,
     baseline_workers: int,
+    rounds: int,
     as_json: bool,
 ) -> None:
     """Time training steps and evaluation on synthetic data (after a warm-up) and print images/s."""
@@ -56,6 +64,7 @@ def bench_command(
         cfg,
         steps=steps or (200 if on_gpu else 20),
         warmup=warmup or (30 if on_gpu else 3),
+        rounds=rounds,
         baseline=baseline,
         baseline_workers=baseline_workers,
     )
