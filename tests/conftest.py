@@ -1,0 +1,77 @@
+"""Shared fixtures.
+
+Services: a real PostgreSQL server and a real ``mlflow server`` (PostgreSQL as its backend store, artifacts served
+by the server) on loopback, started once per session by ``scripts/services.py`` in the order docker-compose.yml
+starts them. Tests that need them FAIL when they cannot be started (PostgreSQL not installed, a port clash): CI
+installs the ``postgresql`` package in ``.ci/run``; locally, ``apt-get install -y postgresql``. Nothing skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_services():  # a module loaded by path: scripts/ is not a package
+    spec = importlib.util.spec_from_file_location("allconv_services", ROOT / "scripts" / "services.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+services = _load_services()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[services.Postgres]:
+    """A private PostgreSQL cluster on 127.0.0.1 with databases ``optuna`` and ``mlflow``."""
+    pg, error = services.Postgres(), ""
+    try:
+        pg.start()
+    except services.ServiceError as exc:
+        error = str(exc)
+        pg.cleanup()
+    if error:
+        pytest.fail(f"PostgreSQL could not be started (these tests fail rather than skip): {error}", pytrace=False)
+    yield pg
+    pg.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: services.Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        services.MlflowServer]:
+    """``mlflow server`` on 127.0.0.1 storing runs in PostgreSQL and serving artifacts from a temp folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server, error = services.MlflowServer(postgres.url("mlflow"), root, workers=1), ""
+    try:
+        server.start()
+    except services.ServiceError as exc:
+        error = str(exc)
+    if error:
+        pytest.fail(f"the MLflow server could not be started: {error}", pytrace=False)
+    yield server
+    server.stop(timeout=3)
+
+
+@pytest.fixture
+def service_env(mlflow_server: services.MlflowServer, tmp_path: Path) -> dict[str, str]:
+    """Environment for worker processes of the ``mlflow_server``: as on a host that only knows the two URLs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        MLFLOW_TRACKING_URI=mlflow_server.uri,
+        ALLCONV_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        # MLflow's HTTP client retries a refused connection with back-off 2 * 2^n s (4, 8, ... 120): a worker could
+        # sleep a minute after a restarted server is back. Same retries, half the back-off, for shorter tests.
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+    )
+    return env

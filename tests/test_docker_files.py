@@ -1,0 +1,409 @@
+"""The Docker image and the compose file, checked without a Docker engine.
+
+What can be checked here is checked against the real thing: the image's entrypoint against the package's console
+script, its dependency step against pyproject.toml, the compose commands against the real ``allconv`` and
+``mlflow server`` click parsers, the compose wiring (URLs, ports, databases, volumes) against itself and against
+``scripts/services.py`` (the same start-up sequence as plain processes, which tests/test_services.py runs), and the
+worker entrypoint script by running it. Building the image and running containers is not checked here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+import pytest
+import yaml
+
+from allconv_cli.cli import main as allconv_main
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    lines, out, current = (ROOT / "Dockerfile").read_text().splitlines(), [], ""
+    for line in lines:
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + "\n"
+            continue
+        current += line
+        word, _, rest = current.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        current = ""
+    return out
+
+
+def instructions(name: str) -> list[str]:
+    return [rest for word, rest in dockerfile() if word == name]
+
+
+def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ``${VAR:-default}`` / ``${VAR}`` substitution (the subset the file uses)."""
+    env = env or {}
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3)
+        assert default is not None or name in env, f"${{{name}}} has no default in docker-compose.yml"
+        return env.get(name) or (default or "")
+
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, text)
+
+
+def load_compose(env: dict[str, str] | None = None) -> dict:
+    """docker-compose.yml as Compose reads it: YAML first, then ``${...}`` substituted in string values."""
+
+    def walk(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return interpolate(node, env) if isinstance(node, str) else node
+
+    return walk(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+def option_value(args: list[str], name: str) -> str:
+    i = args.index(name)
+    return args[i + 1]
+
+
+def search_command() -> click.Command:
+    with click.Context(allconv_main) as ctx:
+        cmd = allconv_main.get_command(ctx, "search")
+    assert cmd is not None, "allconv has no `search` command"
+    return cmd
+
+
+def parse_allconv(args: list[str]) -> click.Context:
+    """Parse ``allconv <args>`` with the real CLI (types, choices, required options) without running it."""
+    assert args, "empty allconv command"
+    with click.Context(allconv_main) as ctx:
+        cmd = allconv_main.get_command(ctx, args[0])
+        assert cmd is not None, f"allconv has no command {args[0]!r}"
+        return cmd.make_context(f"allconv {args[0]}", list(args[1:]), parent=ctx)
+
+
+def _docker_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker reads it: relative to the context root, ``*`` within one path element,
+    ``**`` across any number of them."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignored(path: str) -> bool:
+    """Whether Docker leaves ``path`` out of the build context (a folder's match covers what is inside it)."""
+    patterns = [p.strip().strip("/") for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "exceptions are not modelled here"
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(_docker_pattern(pat).match(prefix) for pat in patterns for prefix in prefixes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_entrypoint_is_the_console_script() -> None:
+    (entrypoint,) = instructions("ENTRYPOINT")
+    assert json.loads(entrypoint) == ["allconv"]
+    assert PYPROJECT["project"]["scripts"]["allconv"] == "allconv_cli.cli:main"
+    assert isinstance(allconv_main, click.Group)
+
+
+def test_base_image_is_cuda_pytorch_and_user_is_not_root() -> None:
+    args = dict(a.split("=", 1) for a in instructions("ARG") if "=" in a)
+    base = args["BASE_IMAGE"]
+    assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
+    assert instructions("FROM") == ["${BASE_IMAGE}"]
+    users = instructions("USER")
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    assert any("useradd" in r and users[-1] in r for r in instructions("RUN"))
+    assert instructions("WORKDIR")[-1] == "/work"
+    assert "/work" in json.loads(instructions("VOLUME")[-1])
+
+
+def test_image_installs_the_package_with_its_pinned_dependencies(tmp_path: Path) -> None:
+    runs = instructions("RUN")
+    assert any(re.search(r"pip install \.(\s|$)", r) for r in runs), "the package is installed with `pip install .`"
+    assert any("allconv --version" in r for r in runs), "the build checks that the console script runs"
+    # The dependency layer: run its requirements one-liner for real and compare with pyproject.toml.
+    (step,) = [r for r in runs if "requirements.txt" in r and "pyproject.toml" in r]
+    generate = step.split(" > /tmp/requirements.txt")[0].replace("\n", "")
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    out = subprocess.run(["sh", "-c", generate.replace("python ", f"{sys.executable} ", 1)], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == PYPROJECT["project"]["dependencies"]
+    assert "torch==" in out.stdout, "torch is pinned through the package's dependencies"
+
+
+def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
+    for path in (".venv", ".venv/bin/python", "mlruns", "mlruns/0/meta.yaml", "mlflow.db", "optuna.db",
+                 "mlartifacts", ".git", ".pytest_cache", ".ruff_cache", "src/allconv_cli/__pycache__",
+                 "src/allconv_cli/__pycache__/x.cpython-311.pyc"):
+        assert dockerignored(path), f"{path} would be sent into the image build"
+    copied = ["pyproject.toml", "src/allconv_cli/cli/__init__.py", "scripts/worker-entrypoint.sh"]
+    if (ROOT / "README.md").exists() or PYPROJECT["project"].get("readme"):
+        copied.append(PYPROJECT["project"].get("readme", "README.md"))
+    for path in copied:
+        assert not dockerignored(path), f"{path} is needed by the build but .dockerignore excludes it"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
+    services = compose["services"]
+    assert {"postgres", "mlflow", "worker"} <= set(services)
+    pg_env = services["postgres"]["environment"]
+    pg_user, pg_password, pg_db = pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"]
+
+    # The init script creates the MLflow database; POSTGRES_DB is the Optuna one.
+    init = [v for v in services["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v]
+    assert init, "postgres needs the init script that creates the mlflow database"
+    script = ROOT / init[0].split(":")[0]
+    assert script.is_file()
+    created = set(re.findall(r"CREATE DATABASE (\w+)", script.read_text(), re.I)) | {pg_db}
+
+    def check_pg_url(url: str) -> str:
+        parts = urlsplit(url)
+        assert parts.scheme == "postgresql+psycopg", url
+        assert (parts.hostname, parts.port or 5432) == ("postgres", 5432), url
+        assert (parts.username, parts.password) == (pg_user, pg_password), url
+        db = parts.path.lstrip("/")
+        assert db in created, f"{url}: database {db} is never created"
+        return db
+
+    mlflow_args = services["mlflow"]["command"]
+    mlflow_db = check_pg_url(option_value(mlflow_args, "--backend-store-uri"))
+    mlflow_port = int(option_value(mlflow_args, "--port"))
+    assert option_value(mlflow_args, "--host") == "0.0.0.0"
+    assert "--serve-artifacts" in mlflow_args
+    artifacts = option_value(mlflow_args, "--artifacts-destination")
+    assert any(v.split(":")[1] == artifacts for v in services["mlflow"]["volumes"]), "artifacts not on a volume"
+    allowed = option_value(mlflow_args, "--allowed-hosts").split(",")
+    assert any(fnmatch.fnmatch(f"mlflow:{mlflow_port}", a) for a in allowed), "workers' Host header is refused"
+
+    worker = services["worker"]
+    args = worker["command"]
+    assert args[0] == "search"
+    optuna_db = check_pg_url(option_value(args, "--storage"))
+    assert optuna_db != mlflow_db
+    tracking = urlsplit(worker["environment"]["MLFLOW_TRACKING_URI"])
+    assert (tracking.scheme, tracking.hostname, tracking.port) == ("http", "mlflow", mlflow_port)
+    for dep in ("postgres", "mlflow"):
+        assert worker["depends_on"][dep]["condition"] == "service_healthy"
+        assert "healthcheck" in services[dep]
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+    # GPU workers: replicas reserve NVIDIA devices; `--scale worker=N` multiplies them.
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "container_name" not in worker, "a fixed container name would break --scale"
+    assert "ports" not in worker, "published ports would clash between replicas"
+
+    # Every named volume is declared, and mounted over a folder the image's non-root user owns.
+    owned = " ".join(r for r in instructions("RUN") if "chown" in r)
+    for name in ("mlflow", "worker"):
+        for vol in services[name].get("volumes", []):
+            source, target = vol.split(":")[:2]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], f"volume {source} is not declared"
+                assert target in owned, f"{target} is not created and chowned in the Dockerfile"
+
+
+def test_compose_images_come_from_this_dockerfile(compose: dict) -> None:
+    for name in ("mlflow", "worker"):
+        service = compose["services"][name]
+        assert service["build"] == "." and service["image"] == compose["services"]["worker"]["image"]
+    assert compose["services"]["mlflow"]["entrypoint"] == ["mlflow"]
+    assert compose["services"]["worker"]["entrypoint"] == ["allconv-worker"]
+    assert any("/usr/local/bin/allconv-worker" in r and "scripts/worker-entrypoint.sh" in r
+               for r in instructions("RUN"))
+
+
+def test_compose_worker_command_parses_with_the_real_cli(compose: dict) -> None:
+    args = compose["services"]["worker"]["command"]
+    ctx = parse_allconv(args)
+    assert "@postgres:5432/" in ctx.params["storage"]
+    help_text = search_command().get_help(click.Context(search_command(), info_name="search"))
+    for arg in args:
+        if arg.startswith("--"):
+            assert arg.split("=")[0] in help_text, f"{arg} is not an option of `allconv search`"
+    # Other settings of the compose file (.env overrides) parse too.
+    other = load_compose({"MODEL": "A", "BRANCH": "strided", "DATASET": "fake", "TRIALS": "8", "EPOCHS": "3",
+                          "STUDY": "s", "POSTGRES_PASSWORD": "p@ss"})
+    parse_allconv(other["services"]["worker"]["command"])
+
+
+def test_compose_commands_are_lists_of_strings(compose: dict) -> None:
+    """Compose wants strings in command/entrypoint lists: a bare YAML number (- 5000) is a type error there."""
+    for name, service in compose["services"].items():
+        for key in ("command", "entrypoint"):
+            value = service.get(key)
+            if value is not None:
+                assert isinstance(value, list) and all(isinstance(v, str) for v in value), (name, key, value)
+
+
+def test_compose_mlflow_command_parses_with_mlflow_and_matches_the_ci_sequence(compose: dict) -> None:
+    from mlflow.cli import server as mlflow_server_command
+
+    args = compose["services"]["mlflow"]["command"]
+    assert args[0] == "server"
+    mlflow_server_command.make_context("mlflow server", list(args[1:]))
+    # scripts/services.py (what CI runs) starts the server with the same options, PostgreSQL-backed.
+    from conftest import services
+
+    ci = services.MlflowServer("postgresql+psycopg://u:p@127.0.0.1:1/mlflow", Path("/tmp/x")).command()
+    ci_args = ci[ci.index("server") + 1:]
+    mlflow_server_command.make_context("mlflow server", list(ci_args))
+    ci_flags = {a for a in ci_args if a.startswith("--")}
+    assert {"--backend-store-uri", "--artifacts-destination", "--serve-artifacts", "--host", "--port"} <= ci_flags
+    assert ci_flags - {"--workers"} <= {a for a in args if a.startswith("--")}
+    assert urlsplit(option_value(ci_args, "--backend-store-uri")).scheme == "postgresql+psycopg"
+
+
+def test_compose_data_service_fills_the_workers_data_volume(compose: dict) -> None:
+    services = compose["services"]
+    data, worker = services["data"], services["worker"]
+    assert data.get("profiles") == ["data"], "the download must not run on every `up`"
+    data_dir = worker["environment"]["ALLCONV_DATA_DIR"]
+    source = next(v.split(":")[0] for v in worker["volumes"] if v.split(":")[1] == data_dir)
+    assert f"{source}:{data_dir}" in data["volumes"]
+    assert f"'{data_dir}'" in " ".join(data["command"]) and "CIFAR10" in " ".join(data["command"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# documentation
+
+
+def _doc_commands(text: str) -> list[str]:
+    """Commands in the shell code blocks (```bash, ```sh or plain ```), continuation lines joined."""
+    out, block, lang = [], None, ""
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            if block is None:
+                block, lang = [], line.strip()[3:].strip()
+            else:
+                if lang in ("", "bash", "sh", "shell", "console"):
+                    for cmd in "\n".join(block).replace("\\\n", " ").splitlines():
+                        cmd = cmd.strip().removeprefix("$ ")
+                        if cmd and not cmd.startswith("#"):
+                            out.append(cmd.split(" #")[0])
+                block = None
+        elif block is not None:
+            block.append(line)
+    return out
+
+
+def _scaling_docs() -> list[tuple[str, str]]:
+    docs = [("docs/scaling.md", (ROOT / "docs" / "scaling.md").read_text())]
+    readme = ROOT / "README.md"
+    if readme.exists():
+        m = re.search(r"^#+ Scaling out\n(.*?)(?=^#{1,2} |\Z)", readme.read_text(), re.S | re.M)
+        if m:
+            docs.append(("README.md#scaling-out", m.group(1)))
+    return docs
+
+
+def test_documented_search_commands_parse_with_the_real_cli() -> None:
+    seen = 0
+    for _name, text in _scaling_docs():
+        for cmd in _doc_commands(text):
+            words = shlex.split(cmd)
+            while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes
+                words.pop(0)
+            if not words:
+                continue
+            if words[0] == "allconv" or words[0].endswith("/allconv"):
+                parse_allconv(words[1:])
+                seen += 1
+            elif words[:2] == ["docker", "run"] and "allconv" in words:
+                parse_allconv(words[words.index("allconv") + 1:])
+                seen += 1
+    assert seen >= 3, "docs/scaling.md shows the one-host, many-host and Docker commands"
+
+
+def test_docs_use_the_compose_services_and_scale_command(compose: dict) -> None:
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    assert "docker compose up --scale worker=" in text
+    for service in ("postgres", "mlflow", "worker", "data"):
+        assert service in compose["services"] and f"`{service}`" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/worker-entrypoint.sh
+
+
+def _stub_allconv(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "allconv"
+    stub.write_text('#!/bin/sh\necho "gpu=${CUDA_VISIBLE_DEVICES:-none} args=$*"\nsleep "${STUB_SLEEP:-0}"\n')
+    stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ALLCONV_GPU_LOCK_DIR": str(tmp_path / "locks")}
+
+
+def test_worker_entrypoint_gives_each_replica_its_own_gpu(tmp_path: Path) -> None:
+    env = _stub_allconv(tmp_path)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    script = str(ROOT / "scripts" / "worker-entrypoint.sh")
+    env_locked = {**env, "ALLCONV_GPU_COUNT": "2", "STUB_SLEEP": "5"}
+    procs = []
+    for _ in range(3):  # 3 replicas on a 2-GPU host
+        procs.append(subprocess.Popen([script, "search", "--trials", "3"], env=env_locked, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+        time.sleep(0.5)
+    outs = [p.communicate(timeout=30)[0].strip() for p in procs]
+    gpus = [o.split()[0] for o in outs]
+    assert sorted(gpus[:2]) == ["gpu=0", "gpu=1"], outs
+    assert gpus[2] in ("gpu=0", "gpu=1"), outs  # more replicas than GPUs: shares one
+    assert all(o.endswith("args=search --trials 3") for o in outs), outs
+    # Locks die with their holder: a new replica gets GPU 0 again.
+    out = subprocess.run([script, "x"], env={**env, "ALLCONV_GPU_COUNT": "2"}, capture_output=True, text=True)
+    assert out.stdout.split()[0] == "gpu=0"
+    # A user's CUDA_VISIBLE_DEVICES wins; one GPU or none: nothing to choose.
+    out = subprocess.run([script, "x"], env={**env, "ALLCONV_GPU_COUNT": "2", "CUDA_VISIBLE_DEVICES": "3"},
+                         capture_output=True, text=True)
+    assert out.stdout.split()[0] == "gpu=3"
+    out = subprocess.run([script, "x"], env={**env, "ALLCONV_GPU_COUNT": "1"}, capture_output=True, text=True)
+    assert out.stdout.split()[0] == "gpu=none"
