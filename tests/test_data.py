@@ -27,6 +27,7 @@ from allconv_cli.data import (
     iterate_batches,
     load_dataset,
     load_raw,
+    make_fake,
     preprocess_cache_dir,
     split_indices,
 )
@@ -293,9 +294,12 @@ def test_fake_is_learnable() -> None:
     assert 0.5 < accuracy < 0.99
 
 
-def test_fake_default_sizes_need_a_smaller_val_size() -> None:
+def test_fake_defaults_leave_room_for_the_default_val_split() -> None:
+    """`--dataset fake` must work with every other option at its default (val_size 5,000)."""
+    fit, train, val = split_indices(make_fake(DataConfig.fake_train_size, 10, 0)[1], 5000, None, 0)
+    assert len(val) == 5000 and len(train) == len(fit) == DataConfig.fake_train_size - 5000
     with pytest.raises(AllconvError, match="val_size=5000"):
-        load_dataset(DataConfig(dataset="fake"))
+        load_dataset(DataConfig(dataset="fake", fake_train_size=2000, fake_test_size=10))
 
 
 # --------------------------------------------------------------------------------------------------- errors, sources
