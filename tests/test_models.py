@@ -169,3 +169,15 @@ def test_models_cli_bad_name_is_one_line() -> None:
     )
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "allconv_d_model" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_choices_match_the_library() -> None:
+    """The CLI repeats the choice lists so `--help` needs no torch; they must not drift from the library's."""
+    from allconv_cli import config, data
+    from allconv_cli.cli import options
+
+    assert tuple(models.BASES) == options.BASES and options.BRANCHES == models.BRANCHES
+    assert options.INITS == models.INITS and options.OPTIMIZERS == config.OPTIMIZERS
+    assert options.COMPILE_MODES == config.COMPILE_MODES
+    assert options.DATASETS == data.DATASETS and options.PREPROCESSINGS == data.PREPROCESSINGS
+    assert options.AUGMENTATIONS == data.AUGMENTATIONS

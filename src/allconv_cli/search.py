@@ -455,10 +455,6 @@ def host_lock(settings: SearchSettings) -> Iterator[None]:
 # data
 
 
-def data_config_for(cfg: TrainConfig) -> DataConfig:
-    return cfg.data_config()
-
-
 class DataCache:
     """The dataset of the last config, on its device: loaded once per worker, reused by every trial that needs it."""
 
@@ -467,7 +463,7 @@ class DataCache:
         self.data: Dataset | None = None
 
     def get(self, cfg: TrainConfig) -> Dataset:
-        key = (data_config_for(cfg), resolve_device(cfg.device))
+        key = (cfg.data_config(), resolve_device(cfg.device))
         if key != self.key or self.data is None:
             self.data = None  # free the old one first
             self.data = load_dataset(key[0]).to(key[1], channels_last=True)
@@ -1015,7 +1011,7 @@ def preload_data(settings: SearchSettings, cache: DataCache | None = None) -> No
         if cache is not None:
             cache.get(cfg)
         else:
-            load_dataset(data_config_for(cfg))
+            load_dataset(cfg.data_config())
 
 
 def open_parent(run_id: str) -> None:
@@ -1221,7 +1217,7 @@ def retrain_best(study: optuna.Study, settings: SearchSettings, console: Console
     tags = {f"{TAG}role": "final", f"{TAG}study_name": settings.study_name,
             f"{TAG}study_uid": study.user_attrs.get(UID_ATTR, ""), f"{TAG}best_trial": str(best.number),
             f"{TAG}source_run": str(best.user_attrs.get("mlflow_run_id"))}
-    data = load_dataset(data_config_for(cfg)).to(resolve_device(cfg.device), channels_last=True)
+    data = load_dataset(cfg.data_config()).to(resolve_device(cfg.device), channels_last=True)
     console.print(f"Retraining trial {best.number}'s config on train+validation for {cfg.epochs} epochs")
     with RichProgress(console, f"final (trial {best.number})") as progress:
         outcome = run_tracked(cfg, experiment=settings.experiment, run_name="final-best", parent_run_id=parent,

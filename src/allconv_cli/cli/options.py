@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 # Duplicated from the library modules on purpose: importing them would pull in torch at ``--help`` time.
-# tests/test_cli.py checks these tuples against allconv_cli.models / data / config.
+# tests/test_models.py::test_cli_choices_match_the_library checks them against models / data / config.
 BASES = ("A", "B", "C")
 BRANCHES = ("model", "strided", "convpool", "allcnn")
 DATASETS = ("cifar10", "cifar100", "fake")
