@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint bench-search
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,3 +21,12 @@ demo: install
 	$(VENV)/bin/allconv search --model A --branch model --dataset fake --subset 500 --val-size 200 \
 		--preprocess standardize --epochs 2 --bn --trials 6
 	$(VENV)/bin/allconv report
+
+# Issue 4's real-data figure: 6 trials x 2 epochs on a 2,000-image subset of real CIFAR-10, on this machine's CPU,
+# in a fresh folder (its own optuna.db / mlflow.db). Prints the study and its wall time.
+DATA_DIR ?= ../shared/data/cifar10
+BENCH_DIR ?= /tmp/allconv-bench-search
+bench-search: install
+	rm -rf $(BENCH_DIR) && mkdir -p $(BENCH_DIR)
+	cd $(BENCH_DIR) && $(abspath $(VENV))/bin/allconv search --model A --branch strided --device cpu \
+		--data-dir $(abspath $(DATA_DIR)) --subset 2000 --val-size 1000 --test-size 2000 --epochs 2 --trials 6

@@ -14,9 +14,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CIFAR_DIR = ROOT.parent / "shared" / "data" / "cifar10"  # the real CIFAR-10 arrays (README of ../shared/data)
 
 
 def _load_services():  # a module loaded by path: scripts/ is not a package
@@ -29,6 +31,18 @@ def _load_services():  # a module loaded by path: scripts/ is not a package
 
 
 services = _load_services()
+
+
+@pytest.fixture(scope="session")
+def cifar10k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with the first real training file (10,000 images, 1,000 per class; the five files are balanced and
+    shuffled) and the first 2,000 real test images: small enough that one ZCA fit keeps the real-data tests fast."""
+    assert (CIFAR_DIR / "test.npz").is_file(), f"real CIFAR-10 arrays missing at {CIFAR_DIR}"
+    d = tmp_path_factory.mktemp("cifar10k")
+    (d / "train_1.npz").symlink_to(CIFAR_DIR / "train_1.npz")
+    with np.load(CIFAR_DIR / "test.npz") as z:
+        np.savez(d / "test.npz", images=z["images"][:2000], labels=z["labels"][:2000])
+    return d
 
 
 @pytest.fixture(scope="session")

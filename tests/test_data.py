@@ -28,12 +28,12 @@ from allconv_cli.data import (
     load_dataset,
     load_raw,
     make_fake,
+    pick_test_indices,
     preprocess_cache_dir,
     split_indices,
 )
 from allconv_cli.errors import AllconvError
-
-CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
+from conftest import CIFAR_DIR
 
 
 def _mean_sq_norm(x: torch.Tensor) -> float:
@@ -41,18 +41,6 @@ def _mean_sq_norm(x: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def cifar10k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data dir with the first real training file (10,000 images, 1,000 per class; the five files are balanced and
-    shuffled) and the first 2,000 real test images: small enough that one ZCA fit keeps this file fast on 2 cores."""
-    assert (CIFAR_DIR / "test.npz").is_file(), f"real CIFAR-10 arrays missing at {CIFAR_DIR}"
-    d = tmp_path_factory.mktemp("cifar10k")
-    (d / "train_1.npz").symlink_to(CIFAR_DIR / "train_1.npz")
-    with np.load(CIFAR_DIR / "test.npz") as z:
-        _write_npz(d / "test.npz", z["images"][:2000], z["labels"][:2000])
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +116,35 @@ def test_split_indices_rejects_bad_sizes(val_size: int, subset: int | None, show
         assert "--subset between 10 " in message and " and 400 " in message
     else:
         assert "--val-size between 0 and 499" in message
+
+
+def test_test_part_is_stratified_seeded_and_apart_from_the_split() -> None:
+    labels = _labels(100)
+    assert np.array_equal(pick_test_indices(labels, None, seed=0), np.arange(1000))
+    assert np.array_equal(pick_test_indices(labels, 1000, seed=0), np.arange(1000))
+    part = pick_test_indices(labels, 300, seed=2)
+    assert len(np.unique(part)) == 300 and np.array_equal(part, np.sort(part))
+    assert np.bincount(labels[part], minlength=10).tolist() == [30] * 10
+    assert np.array_equal(part, pick_test_indices(labels, 300, seed=2))
+    assert not np.array_equal(part, pick_test_indices(labels, 300, seed=3))
+
+
+def test_test_size_leaves_train_and_val_alone_and_enters_the_fingerprint() -> None:
+    base = DataConfig(dataset="fake", fake_train_size=400, fake_test_size=200, val_size=100, preprocess="none")
+    full, part = load_dataset(base), load_dataset(dataclasses.replace(base, test_size=50))
+    assert (len(full.test), len(part.test)) == (200, 50)
+    assert torch.equal(full.train.x, part.train.x) and torch.equal(full.val.y, part.val.y)
+    assert np.bincount(part.test.y.numpy(), minlength=10).tolist() == [5] * 10
+    assert part.fingerprint != full.fingerprint
+
+
+@pytest.mark.parametrize("test_size", [0, 9, 201, -5])
+def test_test_size_out_of_range_names_the_flag(test_size: int) -> None:
+    with pytest.raises(AllconvError) as err:
+        load_dataset(DataConfig(dataset="fake", fake_train_size=400, fake_test_size=200, val_size=100,
+                                preprocess="none", test_size=test_size))
+    message = str(err.value)
+    assert f"test_size={test_size}" in message and "--test-size between 10 " in message and "\n" not in message
 
 
 # ------------------------------------------------------------------------------------------------------- real CIFAR

@@ -171,6 +171,28 @@ def test_six_trial_study_is_one_parent_with_six_children(study_dir: Path, server
     assert best["val_accuracy"] == max(t.value for t in study.trials if t.state == TrialState.COMPLETE)
 
 
+def test_study_on_a_real_cifar_subset(workdir: Path, cifar10k: Path) -> None:
+    """Real CIFAR-10 through the whole search: a 2,000-image subset, GCN + ZCA, the shipped default space, a 1,000-image
+    test part. Scaled to CI (2 trials of 1 epoch); the issue's 6 x 2-epoch study is `make bench-search`."""
+    code, out, err = cli("search", "--model", "A", "--branch", "strided", "--data-dir", str(cifar10k),
+                         "--subset", "2000", "--val-size", "1000", "--test-size", "1000", "--epochs", "1",
+                         "--trials", "2", "--study-name", "real-subset", "--device", "cpu")
+    assert code == 0, out + err
+    assert "2 of 2 finished" in out and "Wall time" in out
+    parent, children = mlflow_runs(workdir, "real-subset")
+    assert len(children) == 2 and parent.data.tags["allconv.space"] == "default"
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    for run in children:
+        params = run.data.params
+        assert (params["dataset"], params["preprocess"], params["subset"]) == ("cifar10", "gcn-zca", "2000")
+        assert (params["val_size"], params["test_size"]) == ("1000", "1000")
+        assert run.data.tags["allconv.trial_state"] in ("complete", "pruned")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]
+        correct = run.data.metrics["test_accuracy"] * 1000  # a whole number of the 1,000 test images
+        assert 0 <= correct <= 1000 and correct == pytest.approx(round(correct))
+    assert len({r.data.tags["allconv.data_hash"] for r in children}) == 1, "every trial saw the same data"
+
+
 def test_rerun_with_more_trials_resumes_the_same_study_and_parent(study_dir: Path) -> None:
     parent_before, _ = mlflow_runs(study_dir, STUDY)
     code, out, err = cli("search", *TINY, "--bn", "--epochs", "2", "--space", "tiny.yaml", "--trials", "8")

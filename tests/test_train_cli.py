@@ -26,8 +26,13 @@ FAKE_TRAIN = [
 
 
 def clean_env() -> dict[str, str]:
-    """This environment without MLFLOW_*: the commands must use MLflow's own default store in their cwd."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    """This environment without MLFLOW_*: the commands must use MLflow's own default store in their cwd.
+
+    ``--dataset fake`` shrinks to 400 training / 100 test images (room for the runs' 100-image validation split and
+    200-image subset): the CLI runs here test plumbing, and a 1,000-image test pass per run is wasted CI time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["ALLCONV_FAKE_SIZES"] = "400,100"
+    return env
 
 
 def allconv(args: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -60,6 +65,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "2000",
             "--val-size",
             "1000",
+            "--test-size",
+            "2000",
             "--epochs",
             "2",
             "--bn",
@@ -84,6 +91,7 @@ def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
     client = mlflow.MlflowClient()
     run = client.get_run(out["run_id"])
     assert run.data.params["lr"] == "0.05" and run.data.params["subset"] == "2000"
+    assert run.data.params["test_size"] == "2000"
     assert run.data.params["weight_decay"] == "0.001" and run.data.params["lr_milestones"] == "[1, 1, 2]"
     assert run.data.tags["allconv.model"] == "A" and run.data.tags["allconv.branch"] == "strided"
     assert run.data.tags["allconv.status"] == "finished" and run.info.status == "FINISHED"
@@ -118,14 +126,20 @@ def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, d
 def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Path) -> None:
     """--resume reads the run's config and last checkpoint and logs into the same run; a bad id is one line."""
     cwd, _ = real_run
+    bad = subprocess.Popen([sys.executable, "-m", "allconv_cli", "train", "--resume", "0123456789abcdef"], cwd=cwd,
+                           env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # meanwhile
     first = allconv([*FAKE_TRAIN, "--epochs", "1"], cwd)
     run_id = json.loads(first.stdout)["run_id"]
     again = allconv(["train", "--resume", run_id, "--json"], cwd)
     assert again.returncode == 0, again.stderr[-2000:]
     out = json.loads(again.stdout)
     assert out["run_id"] == run_id and out["epochs"] == 1  # the run was complete: nothing left to train
-    bad = allconv(["train", "--resume", "0123456789abcdef"], cwd)
-    assert bad.returncode == 2 and "0123456789abcdef" in bad.stderr and "Traceback" not in bad.stderr
+    _, bad_stderr = bad.communicate(timeout=300)
+    assert bad.returncode == 2 and "0123456789abcdef" in bad_stderr and "Traceback" not in bad_stderr
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
@@ -137,6 +151,8 @@ def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job ignores SIGINT and its children inherit that; a terminal's Ctrl-C does not
+        preexec_fn=_default_sigint,
     )
     deadline = time.time() + 600
     client = None
@@ -168,15 +184,19 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
         (["train", "--model", "D"], "'D'"),
         (["train", "--branch", "pooled"], "'pooled'"),
         (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")], "nowhere"),
-        (["train", "--dataset", "fake", "--subset", "-5"], "subset=-5"),
+        (["train", "--dataset", "fake", "--val-size", "100", "--subset", "-5"], "subset=-5"),
         (["train", "--data-dir", str(tmp_path)], str(tmp_path)),
         (["train", "--no-such-option"], "--no-such-option"),
     ]
-    for args, needle in cases:
-        run = allconv(args, tmp_path)
-        assert run.returncode == 2, (args, run.stderr)
-        assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
-        assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
+    # the cases are independent processes: run them side by side (most of each is importing torch)
+    procs = [(args, needle, subprocess.Popen([sys.executable, "-m", "allconv_cli", *args], cwd=tmp_path,
+                                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)) for args, needle in cases]
+    for args, needle, proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, stderr)
+        assert needle in stderr and "Traceback" not in stderr, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1, (args, stderr)
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a bad command
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     data_dir: str | None = None
     subset: int | None = None
     val_size: int = 5000
+    test_size: int | None = None  # evaluate on a stratified N-image part of the test set (quick runs); None: all
     preprocess: str = "gcn-zca"
     # execution
     seed: int = 0
@@ -113,6 +114,7 @@ class TrainConfig:
             data_dir=self.data_dir,
             subset=self.subset,
             val_size=self.val_size,
+            test_size=self.test_size,
             preprocess=self.preprocess,
             seed=self.seed,
             **sizes,

@@ -52,6 +52,7 @@ PAPER_SETTING: dict[str, str] = {
     "dataset": "cifar10",
     "epochs": str(PAPER_EPOCHS),
     "subset": "None",
+    "test_size": "None",
     "preprocess": "gcn-zca",
     "augment": "none",
     "bn": "False",

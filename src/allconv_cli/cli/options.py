@@ -69,6 +69,11 @@ def data_options(fn: F) -> F:
                 show_default=True,
                 help="Validation images held out of the training set (selection happens on these).",
             ),
+            click.option(
+                "--test-size",
+                type=int,
+                help="Test on a stratified N-image part of the test set (quick runs) [default: all of it].",
+            ),
             click.option("--preprocess", type=click.Choice(PREPROCESSINGS), default="gcn-zca", show_default=True),
             click.option("--seed", type=int, default=0, show_default=True),
             click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),

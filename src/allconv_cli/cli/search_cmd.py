@@ -66,6 +66,7 @@ def search_command(space_name: str, trials: int, pruner: str, storage: str | Non
 
     Rerunning the same command resumes the study; then run `mlflow ui` here to compare the trials.
     """
+    started = time.perf_counter()
     from rich.console import Console
 
     from allconv_cli import search, spaces
@@ -111,6 +112,7 @@ def search_command(space_name: str, trials: int, pruner: str, storage: str | Non
     data = search.DataCache() if workers == 1 else None  # in-process trials reuse what is loaded here
     if not summarize_only:
         search.preload_data(settings, data)  # data errors before a study or a parent run exists
+    setup_done = trials_done = time.perf_counter()
     if summarize_only:  # only reads: it must not create an empty study under a mistyped name
         study, creator = search.load_study(settings, rdb), True
     else:
@@ -138,8 +140,13 @@ def search_command(space_name: str, trials: int, pruner: str, storage: str | Non
             search.open_parent(settings.parent_run_id)
             status = search.run_search(settings, study, rdb, console, data)
             search.close_parent(settings.parent_run_id, status, settings)
+        trials_done = time.perf_counter()
     summary = search.summarize(study, settings, console)
     console.print(search.summary_table(summary, settings))
+    if not summarize_only:
+        now = time.perf_counter()
+        console.print(f"Wall time {now - started:,.1f} s: start-up and data {setup_done - started:,.1f} s, trials "
+                      f"{trials_done - setup_done:,.1f} s, summary {now - trials_done:,.1f} s", highlight=False)
     if status == "interrupted":
         console.print("Interrupted: the running trial was checkpointed. Rerun the same command to resume the study.")
         sys.exit(130)
