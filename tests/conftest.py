@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,20 @@ def _load_services():  # a module loaded by path: scripts/ is not a package
 
 
 services = _load_services()
+
+
+def run_side_by_side(commands: list[list[str]], timeout: float = 300, **popen: object) -> list[
+        subprocess.CompletedProcess[str]]:
+    """Run independent commands at the same time and return their results in order, like ``subprocess.run``.
+
+    Most of a CLI test's time is the process importing torch; two cores do two of those at once."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+             for cmd in commands]
+    results = []
+    for cmd, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from torch import nn
 
 from allconv_cli import models
 from allconv_cli.errors import AllconvError
+from conftest import run_side_by_side
 
 EXPECTED_PARAMS = {
     ("A", "model"): 839_242,
@@ -118,15 +119,14 @@ def test_timm_registry_after_import() -> None:
         "print(type(m).__name__, m.num_classes, sum(p.numel() for p in m.parameters()));"
         "print(len(timm.list_models('allconv_*')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    other_order = "import timm, allconv_cli; print(timm.create_model('allconv_a_model').num_classes)"
+    first, second = run_side_by_side([[sys.executable, "-c", code], [sys.executable, "-c", other_order]])
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    out = first.stdout.split()
     assert out[:2] == ["AllConvNet", "100"]
     assert int(out[2]) == 1_369_738 - 192 * 10 - 10 + 192 * 100 + 100
     assert out[3] == "12"
-    # the other import order too
-    code = "import timm, allconv_cli; print(timm.create_model('allconv_a_model').num_classes)"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "10"
-    )
+    assert second.stdout.strip() == "10"
 
 
 def test_import_does_not_pull_torch() -> None:
@@ -137,38 +137,21 @@ def test_import_does_not_pull_torch() -> None:
     assert out == "False False False"
 
 
-def test_models_cli_json_and_table() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "allconv_cli", "models", "--format", "json"], capture_output=True, text=True, check=True
+def test_models_cli_json_and_table_and_a_bad_name() -> None:
+    cli = [sys.executable, "-m", "allconv_cli", "models"]
+    as_json, table, summ, bad = run_side_by_side(
+        [[*cli, "--format", "json"], cli, [*cli, "--summary", "allconv_c_allcnn"],
+         [*cli, "--summary", "allconv_d_model"]],
+        env={"COLUMNS": "160", "PATH": ""},
     )
-    rows = json.loads(run.stdout)
+    rows = json.loads(as_json.stdout)
     assert {(r["base"], r["branch"]): r["params"] for r in rows} == EXPECTED_PARAMS
     assert {"name", "base", "branch", "display_name", "params", "paper_error"} <= set(rows[0])
     assert next(r for r in rows if r["name"] == "allconv_c_allcnn")["paper_error"] == 9.08
-    table = subprocess.run(
-        [sys.executable, "-m", "allconv_cli", "models"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "160", "PATH": ""},
-    ).stdout
-    assert "All-CNN-C" in table and "1,369,738" in table and "9.08" in table
-    summ = subprocess.run(
-        [sys.executable, "-m", "allconv_cli", "models", "--summary", "allconv_c_allcnn"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "160", "PATH": ""},
-    ).stdout
-    assert "192 x 6 x 6" in summ and "1,369,738" in summ
-
-
-def test_models_cli_bad_name_is_one_line() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "allconv_cli", "models", "--summary", "allconv_d_model"], capture_output=True, text=True
-    )
-    assert run.returncode == 2
-    assert run.stderr.strip().count("\n") == 0 and "allconv_d_model" in run.stderr and "Traceback" not in run.stderr
+    assert "All-CNN-C" in table.stdout and "1,369,738" in table.stdout and "9.08" in table.stdout
+    assert "192 x 6 x 6" in summ.stdout and "1,369,738" in summ.stdout
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "allconv_d_model" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_choices_match_the_library() -> None:

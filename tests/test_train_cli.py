@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_side_by_side
+
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
@@ -188,39 +190,25 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
         (["train", "--data-dir", str(tmp_path)], str(tmp_path)),
         (["train", "--no-such-option"], "--no-such-option"),
     ]
-    # the cases are independent processes: run them side by side (most of each is importing torch)
-    procs = [(args, needle, subprocess.Popen([sys.executable, "-m", "allconv_cli", *args], cwd=tmp_path,
-                                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             text=True)) for args, needle in cases]
-    for args, needle, proc in procs:
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 2, (args, stderr)
-        assert needle in stderr and "Traceback" not in stderr, (args, stderr)
-        assert len(stderr.strip().splitlines()) == 1, (args, stderr)
+    runs = run_side_by_side([[sys.executable, "-m", "allconv_cli", *args] for args, _ in cases], cwd=tmp_path,
+                            env=clean_env())
+    for (args, needle), run in zip(cases, runs, strict=True):
+        assert run.returncode == 2, (args, run.stderr)
+        assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a bad command
 
 
-def test_bench_json(tmp_path: Path) -> None:
-    run = allconv(
-        [
-            "bench",
-            "--model",
-            "A",
-            "--branch",
-            "strided",
-            "--batch-size",
-            "16",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--device",
-            "cpu",
-            "--json",
-        ],
-        tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+def test_bench_json() -> None:
+    """In-process (CliRunner): the command is what is tested here, not a fresh interpreter's start-up."""
+    from click.testing import CliRunner
+
+    from allconv_cli.cli import main
+
+    args = ["bench", "--model", "A", "--branch", "strided", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+            "--device", "cpu", "--json"]
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output[-2000:]
     out = json.loads(run.stdout)
     assert {"train_images_per_second", "eval_images_per_second", "ms_per_step", "peak_memory_mb", "device"} <= set(out)
     assert out["train_images_per_second"] > 0 and out["peak_memory_mb"] > 0 and out["device"] == "cpu"
