@@ -117,7 +117,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         client = MlflowClient(uri)
         exp_id = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
         _reproduction(client, exp_id, "A", "model", A_MODEL)
-        _reproduction(client, exp_id, "C", "allcnn", C_ALLCNN, epochs=2, subset=2000)
+        _reproduction(client, exp_id, "C", "allcnn", C_ALLCNN, epochs=2, subset=2000, test_size=1000)
         search_id = client.create_experiment(SEARCH_EXPERIMENT, artifact_location=str(root / "artifacts2"))
         _search_study(client, search_id, "bn-dropout-c", "bn-dropout", [
             ({"bn": False, "dropout_input": 0.2, "dropout_hidden": 0.5}, "finished", 0.70, 30.0),
@@ -162,7 +162,7 @@ def test_json_values_match_mlflow(store: Path) -> None:
     assert c["protocols"]["paper"] is None
     cv = c["protocols"]["validated"]
     assert (cv["lr"], cv["test_error"], cv["diverged"], cv["running"]) == (0.1, 9.5, 1, 1)
-    assert cv["comparable"] is False and "epochs=2 (paper: 350)" in cv["deviations"]
+    assert cv["comparable"] is False and {"epochs=2 (paper: 350)", "test_size=1000"} <= set(cv["deviations"])
     # networks never run are missing, not zero
     assert rows["allconv_b_allcnn"]["protocols"] == {"paper": None, "validated": None}
 
@@ -177,7 +177,7 @@ def test_rerun_command_rebuilds_the_selected_config(store: Path) -> None:
     ctx = train_command.make_context("train", args[2:])
     options = {k: v for k, v in ctx.params.items()
                if k not in ("resume_run_id", "experiment", "run_name", "checkpoint_every", "as_json")}
-    assert TrainConfig(**options) == _config("C", "allcnn", 0.1, "validated", epochs=2, subset=2000)
+    assert TrainConfig(**options) == _config("C", "allcnn", 0.1, "validated", epochs=2, subset=2000, test_size=1000)
 
 
 def test_csv_and_markdown_and_table(store: Path) -> None:
