@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
 
-from allconv_cli.bench import bench  # noqa: E402
-from allconv_cli.config import TrainConfig  # noqa: E402
-from allconv_cli.data import load_dataset  # noqa: E402
-from allconv_cli.engine import EpochMetrics, Hooks, resolve_device, train  # noqa: E402
+from allconv_cli.bench import bench
+from allconv_cli.config import TrainConfig
+from allconv_cli.data import load_dataset
+from allconv_cli.engine import EpochMetrics, Hooks, resolve_device, train
 
 START = time.perf_counter()
 RESULTS: dict[str, object] = {}
@@ -116,21 +116,29 @@ def bench_all(device: str, quick: bool) -> list:
     rows = []
     steps, warm = (3, 1) if quick else (300, 50)
     for net in [("C", "allcnn"), ("A", "model"), ("B", "convpool")] if not quick else [("C", "allcnn")]:
-        for bs, comp in [(128, False), (128, True), (256, False), (512, False)] if not quick else [(32, False)]:
-            if comp and net != ("C", "allcnn"):
+        # batch 128 is launch-bound in eager mode (3.9 ms/step on an H100): CUDA graphs (reduce-overhead) are the
+        # candidate for the 60,000 img/s target, so they are timed first
+        variants = [(128, None), (128, "reduce-overhead"), (128, "default"), (256, None), (512, None)]
+        for bs, mode in variants if not quick else [(32, None)]:
+            if mode and net != ("C", "allcnn"):
                 continue
-            cfg = TrainConfig(model=net[0], branch=net[1], batch_size=bs, device=device, compile=comp)
+            cfg = TrainConfig(model=net[0], branch=net[1], batch_size=bs, device=device, compile=mode is not None,
+                              compile_mode=mode or "default")
             t0 = time.perf_counter()
             r = bench(cfg, steps=steps, warmup=warm).as_dict()
-            r.update(network=f"{net[0]}/{net[1]}", wall_s=round(time.perf_counter() - t0, 1))
+            r.update(network=f"{net[0]}/{net[1]}", compile_mode=mode, wall_s=round(time.perf_counter() - t0, 1))
             print(r, flush=True)
             rows.append(r)
     return rows
 
 
 @stage("real")
-def real(device: str, data_dir: str, budget: float, quick: bool, compile_: bool, lr: float) -> dict:
-    """The paper's protocol for All-CNN-C on real CIFAR-10, with as many epochs as the time left allows."""
+def real(device: str, data_dir: str, budget: float, quick: bool, compile_mode: str | None, lr: float, bn: bool,
+         head_relu: bool) -> dict:
+    """The paper's protocol for All-CNN-C on real CIFAR-10, with as many epochs as the time left allows.
+
+    The exact paper setting (no BN, lr 0.05, head ReLU) collapsed after one epoch on an H100 (2026-11-27): pass
+    ``--bn``, ``--no-head-relu`` or a smaller ``--lr`` to see the protocol learn."""
     dev = resolve_device(device)
     t0 = time.perf_counter()
     base = TrainConfig(
@@ -140,8 +148,11 @@ def real(device: str, data_dir: str, budget: float, quick: bool, compile_: bool,
         val_size=5000 if not quick else 500,
         subset=None if not quick else 500,
         device=device,
-        compile=compile_,
+        compile=compile_mode is not None,
+        compile_mode=compile_mode or "default",
         lr=lr,
+        bn=bn,
+        head_relu=head_relu,
     )
     data = load_dataset(base.data_config(), device=dev).to(dev, channels_last=True)
     load_s = time.perf_counter() - t0
@@ -163,6 +174,9 @@ def real(device: str, data_dir: str, budget: float, quick: bool, compile_: bool,
     return {
         "epochs": epochs,
         "lr": lr,
+        "bn": bn,
+        "head_relu": head_relu,
+        "compile_mode": compile_mode,
         "milestones": cfg.lr_milestones(),
         "train_images": len(data.train),
         "status": result.status,
@@ -183,6 +197,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--bn", action="store_true", help="BatchNorm in the real run")
+    parser.add_argument("--no-head-relu", dest="head_relu", action="store_false", help="no ReLU on the class scores")
     parser.add_argument("--skip", default="", help="comma list of stages to skip")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
@@ -190,18 +206,15 @@ def main() -> None:
     if "smoke" not in skip:
         smoke(args.device, args.quick)
     rows = bench_all(args.device, args.quick) if "bench" not in skip else []
-    c128 = (
-        {
-            r["compile"]: r["train_images_per_second"]
-            for r in rows
-            if isinstance(r, dict) and r.get("network") == "C/allcnn" and r.get("batch_size") == 128
-        }
-        if isinstance(rows, list)
-        else {}
-    )
-    use_compile = bool(c128) and c128.get(True, 0) > 1.1 * c128.get(False, 0)
+    c128 = {  # compile mode (None: eager) -> img/s of All-CNN-C at batch 128
+        r.get("compile_mode"): r["train_images_per_second"]
+        for r in (rows if isinstance(rows, list) else [])
+        if isinstance(r, dict) and r.get("network") == "C/allcnn" and r.get("batch_size") == 128
+    }
+    fastest = max(c128, key=c128.get) if c128 else None
+    use_mode = fastest if fastest is not None and c128[fastest] > 1.1 * c128.get(None, 0) else None
     if "real" not in skip:
-        real(args.device, args.data_dir, args.budget, args.quick, use_compile, args.lr)
+        real(args.device, args.data_dir, args.budget, args.quick, use_mode, args.lr, args.bn, args.head_relu)
     RESULTS["total_seconds"] = round(time.perf_counter() - START, 1)
     save()
     print(json.dumps(RESULTS, default=str), flush=True)
