@@ -401,13 +401,12 @@ def split_indices(labels: np.ndarray, val_size: int, subset: int | None, seed: i
     fit_mask = np.ones(n, dtype=bool)
     fit_mask[val_idx] = False
     fit_idx = everything[fit_mask]
+    if subset is not None:
+        left = f"the training images left after the {val_size}-image validation split"
+        _check_part_size("subset", subset, labels[fit_idx], left, "train on all of them")
     if subset is None or subset == len(fit_idx):
-        if subset is not None:
-            _check_subset(subset, labels[fit_idx], val_size)
         return fit_idx, fit_idx.copy(), val_idx
-    _check_subset(subset, labels[fit_idx], val_size)
-    train_idx = _stratified_pick(fit_idx, labels[fit_idx], subset, rng)
-    return fit_idx, train_idx, val_idx
+    return fit_idx, _stratified_pick(fit_idx, labels[fit_idx], subset, rng), val_idx
 
 
 def pick_test_indices(labels: np.ndarray, test_size: int | None, seed: int) -> np.ndarray:
@@ -419,30 +418,22 @@ def pick_test_indices(labels: np.ndarray, test_size: int | None, seed: int) -> n
     """
     labels = np.asarray(labels)
     everything = np.arange(len(labels), dtype=np.int64)
+    if test_size is not None:
+        _check_part_size("test_size", test_size, labels, "the whole test set", "test on all of it")
     if test_size is None or test_size == len(labels):
-        if test_size is not None:
-            _check_test_size(test_size, labels)
         return everything
-    _check_test_size(test_size, labels)
     return _stratified_pick(everything, labels, test_size, np.random.default_rng((seed, _TEST_STREAM)))
 
 
 _TEST_STREAM = 0x7E57  # tags the test-part draw's random stream, apart from the train/validation split's
 
 
-def _check_test_size(test_size: int, labels: np.ndarray) -> None:
+def _check_part_size(name: str, size: int, labels: np.ndarray, whole: str, without: str) -> None:
+    """A stratified part (``--subset``, ``--test-size``) needs one image per class and at most the ``whole`` pool."""
     low, high = len(np.unique(labels)), len(labels)
-    if not low <= test_size <= high:
-        raise AllconvError(f"test_size={test_size} is out of range: pass --test-size between {low} (one image per "
-                           f"class) and {high} (the whole test set), or leave it out to test on all of it")
-
-
-def _check_subset(subset: int, fit_labels: np.ndarray, val_size: int) -> None:
-    low, high = len(np.unique(fit_labels)), len(fit_labels)
-    if not low <= subset <= high:
-        raise AllconvError(f"subset={subset} is out of range: pass --subset between {low} (one image per class) and "
-                           f"{high} (the training images left after the {val_size}-image validation split), "
-                           f"or leave it out to train on all of them")
+    if not low <= size <= high:
+        raise AllconvError(f"{name}={size} is out of range: pass --{name.replace('_', '-')} between {low} (one image "
+                           f"per class) and {high} ({whole}), or leave it out to {without}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
