@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,29 +65,29 @@ def _items(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _parse_names(text: str, flag: str, what: str, allowed: Sequence[str], normalise: Callable[[str], str]) -> list[
+        str]:
+    """Comma list -> ``normalise``d allowed names, deduplicated in order; an unknown one names itself."""
+    out: list[str] = []
+    for item in _items(text):
+        name = normalise(item)
+        if name not in allowed:
+            raise AllconvError(f"{flag}: unknown {what} {item!r}: choose from {', '.join(allowed)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise AllconvError(f"{flag} {text!r}: give at least one of {', '.join(allowed)}")
+    return out
+
+
 def parse_models(text: str) -> list[str]:
     """``"A,c"`` -> ``["A", "C"]``; an unknown base names itself and the allowed ones."""
-    out = []
-    for item in _items(text):
-        if item.upper() not in BASES:
-            raise AllconvError(f"--models: unknown base network {item!r}: choose from {', '.join(BASES)}")
-        if item.upper() not in out:
-            out.append(item.upper())
-    if not out:
-        raise AllconvError(f"--models {text!r}: give at least one of {', '.join(BASES)}")
-    return out
+    return _parse_names(text, "--models", "base network", BASES, str.upper)
 
 
 def parse_branches(text: str) -> list[str]:
-    out = []
-    for item in _items(text):
-        if item.lower() not in BRANCHES:
-            raise AllconvError(f"--branches: unknown branch {item!r}: choose from {', '.join(BRANCHES)}")
-        if item.lower() not in out:
-            out.append(item.lower())
-    if not out:
-        raise AllconvError(f"--branches {text!r}: give at least one of {', '.join(BRANCHES)}")
-    return out
+    """``"allcnn,Strided"`` -> ``["allcnn", "strided"]``."""
+    return _parse_names(text, "--branches", "branch", BRANCHES, str.lower)
 
 
 def parse_lrs(text: str) -> list[float]:
