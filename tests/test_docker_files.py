@@ -177,10 +177,10 @@ def test_image_installs_the_package_with_its_pinned_dependencies(tmp_path: Path)
 
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     for path in (".venv", ".venv/bin/python", "mlruns", "mlruns/0/meta.yaml", "mlflow.db", "optuna.db",
-                 "mlartifacts", ".git", ".pytest_cache", ".ruff_cache", "src/allconv_cli/__pycache__",
-                 "src/allconv_cli/__pycache__/x.cpython-311.pyc"):
+                 "mlartifacts", ".git", ".pytest_cache", ".ruff_cache", "allconv_cli/__pycache__",
+                 "allconv_cli/__pycache__/x.cpython-311.pyc"):
         assert dockerignored(path), f"{path} would be sent into the image build"
-    copied = ["pyproject.toml", "src/allconv_cli/cli/__init__.py", "scripts/worker-entrypoint.sh"]
+    copied = ["pyproject.toml", "allconv_cli/cli/__init__.py", "scripts/worker-entrypoint.sh"]
     if (ROOT / "README.md").exists() or PYPROJECT["project"].get("readme"):
         copied.append(PYPROJECT["project"].get("readme", "README.md"))
     for path in copied:

@@ -168,8 +168,9 @@ def test_interrupt_keeps_last_checkpoint(data, tmp_path: Path) -> None:
 
 
 def test_dead_network_is_stopped_as_collapsed(data, tmp_path: Path) -> None:
-    """All-zero weights: every ReLU is dead, the output is constant and no gradient can ever revive it."""
-    cfg = tiny(epochs=10, bn=False, init="gaussian", init_std=0.0, collapse_patience=3)
+    """Weights of std 1e-20: activations underflow to 0 after a few layers, every ReLU is dead, the output is
+    constant and no gradient can ever revive it."""
+    cfg = tiny(epochs=10, bn=False, init="gaussian", init_std=1e-20, collapse_patience=3)
     result = train(cfg, data, device=CPU, checkpoint_dir=tmp_path)
     assert result.status == "collapsed" and result.epochs_completed == 3
     assert "dead ReLUs" in result.reason and result.test_accuracy is None

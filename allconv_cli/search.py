@@ -58,10 +58,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from allconv_cli import paper, spaces, tracking
-from allconv_cli.config import TrainConfig
+from allconv_cli.config import EXECUTION_FIELDS, TrainConfig
 from allconv_cli.data import DataConfig, Dataset, load_dataset
 from allconv_cli.engine import EpochMetrics, Hooks, resolve_device
 from allconv_cli.errors import AllconvError
+from allconv_cli.paper import registry_name
 from allconv_cli.runner import RunOutcome, run_tracked
 from allconv_cli.spaces import SearchSpace
 
@@ -87,7 +88,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 20
 DEFAULT_GRACE_PERIOD = 60
 DEFAULT_MAX_RETRY = 3
 # How a run executes rather than what it learns: may differ between the invocations (and hosts) of one study.
-EXECUTION_FIELDS = ("device", "data_dir", "compile", "compile_mode", "amp", "test_every", "extra")
 # SearchSettings.objective -> what the parent run's `objective` param says
 OBJECTIVES = {
     "val_accuracy": "final validation accuracy (maximise)",
@@ -137,7 +137,7 @@ class SearchSettings:
 
 
 def default_study_name(model: str, branch: str, space_name: str) -> str:
-    return f"allconv_{model.lower()}_{branch}-{space_name}"
+    return f"{registry_name(model, branch)}-{space_name}"
 
 
 def default_storage_url() -> str:
@@ -533,7 +533,7 @@ def _create_parent(exp_id: str, study: optuna.Study, settings: SearchSettings, s
         f"{TAG}pruner": settings.pruner,
         f"{TAG}model": model,
         f"{TAG}branch": branch,
-        f"{TAG}network": f"allconv_{model.lower()}_{branch}",
+        f"{TAG}network": registry_name(model, branch),
         f"{TAG}dataset": str(base["dataset"]),
         "mlflow.note.content": f"Optuna study {settings.study_name}: {space.description or space.source}",
         **settings.run_tags,

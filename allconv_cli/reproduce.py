@@ -29,31 +29,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from allconv_cli import paper
 from allconv_cli.errors import AllconvError
-from allconv_cli.paper import PAPER_EPOCHS, PAPER_LRS, TABLE3
+from allconv_cli.paper import BASES, BRANCHES, TABLE3
 
-BASES: tuple[str, ...] = ("A", "B", "C")
-BRANCHES: tuple[str, ...] = ("model", "strided", "convpool", "allcnn")
-PROTOCOLS: tuple[str, ...] = ("paper", "validated")
 KIND = "reproduce"
 DEFAULT_EXPERIMENT = "allconv-reproduce"
 # The paper's hyperparameters other than the lr (Section 3.2.1), fixed in every study's space, so the space logged
 # with the study states them even if TrainConfig's defaults ever change.
 PAPER_FIXED: dict[str, Any] = {
-    "optimizer": "sgd",
-    "momentum": 0.9,
-    "weight_decay": 0.001,
-    "dropout_input": 0.2,
-    "dropout_hidden": 0.5,
-    "bn": False,
-    "init": "xavier",
-    "head_relu": True,
-    "batch_size": 128,
-    "augment": "none",
-    "label_smoothing": 0.0,
-    "lr_gamma": 0.1,
-    "milestones": None,  # 4/7, 5/7, 6/7 of the epochs: 200, 250, 300 of 350
-}
+    k: v for k, v in {**paper.PROTOCOL, **paper.OUR_CHOICES}.items() if k not in ("dataset", "preprocess")
+}  # the data fields come from the command line (--dataset fake, --preprocess for smoke runs)
 OBJECTIVE = {"paper": "test_accuracy", "validated": "val_accuracy"}
 
 
@@ -99,7 +85,7 @@ def parse_lrs(text: str) -> list[float]:
             value = float("nan")
         if not (value > 0 and value < float("inf")):
             raise AllconvError(f"--lrs: {item!r} is not a learning rate: give numbers > 0, e.g. "
-                               f"{','.join(f'{lr:g}' for lr in PAPER_LRS)}")
+                               f"{','.join(f'{lr:g}' for lr in paper.LRS)}")
         if value not in out:
             out.append(value)
     if not out:
@@ -118,8 +104,8 @@ class ReproducePlan:
     models: list[str] = field(default_factory=lambda: list(BASES))
     branches: list[str] = field(default_factory=lambda: list(BRANCHES))
     protocols: list[str] = field(default_factory=lambda: ["paper"])
-    lrs: list[float] = field(default_factory=lambda: list(PAPER_LRS))
-    epochs: int = PAPER_EPOCHS
+    lrs: list[float] = field(default_factory=lambda: list(paper.LRS))
+    epochs: int = paper.EPOCHS
     data: dict[str, Any] = field(default_factory=dict)  # dataset, data_dir, subset, val_size, preprocess, seed, device
     experiment: str = DEFAULT_EXPERIMENT
     storage_url: str | None = None  # None: search's default, sqlite:///optuna.db in the working directory
@@ -168,8 +154,7 @@ def study_key(base: dict[str, Any], lrs: Sequence[float]) -> str:
     Execution details (device, data folder) are left out, so hosts with other paths share the study; so are values
     equal to TrainConfig's defaults, so a TrainConfig field added later (at its default) does not rename a study.
     """
-    from allconv_cli.config import TrainConfig
-    from allconv_cli.search import EXECUTION_FIELDS
+    from allconv_cli.config import EXECUTION_FIELDS, TrainConfig
 
     defaults = TrainConfig().to_dict()
     learned = {
@@ -182,7 +167,7 @@ def study_key(base: dict[str, Any], lrs: Sequence[float]) -> str:
 
 
 def study_name(protocol: str, base: str, branch: str, key: str) -> str:
-    return f"reproduce-{protocol}-allconv_{base.lower()}_{branch}-{key}"
+    return f"reproduce-{protocol}-{paper.registry_name(base, branch)}-{key}"
 
 
 def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, *, wait_for_others: bool = False,

@@ -71,7 +71,7 @@ def bench_command(
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return
-    table = Table(title=f"allconv bench: allconv_{model.lower()}_{branch}, batch {batch_size}", show_header=False)
+    table = Table(title=f"allconv bench: {cfg.registry_name}, batch {batch_size}", show_header=False)
     rows = [
         ("device", result.device),
         ("train images/s", f"{result.train_images_per_second:,.0f}"),

@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from allconv_cli.config import TrainConfig
+from allconv_cli.config import DATA_FIELDS, FIELD_NAMES, FIELD_TYPES, SAMPLEABLE, TrainConfig
 from allconv_cli.errors import AllconvError
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -56,14 +56,7 @@ DIST_KEYS = {
 }
 DEPENDENT_KEYS = ("depends_on", "cases")
 
-FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-# How a run executes, not what it learns: may be fixed but never sampled.
-NOT_SAMPLEABLE = ("device", "data_dir", "compile", "compile_mode", "amp", "extra", "milestones", "test_every",
-                  "collapse_patience", "test_size")
-FIXABLE = tuple(name for name in FIELD_TYPES if name != "extra")
-SAMPLEABLE = tuple(name for name in FIELD_TYPES if name not in NOT_SAMPLEABLE)
-# Fields that change the data a trial sees: when a space samples one, each trial loads its own dataset.
-DATA_FIELDS = ("dataset", "subset", "val_size", "preprocess", "seed")
+FIXABLE = FIELD_NAMES
 
 
 class SpaceError(AllconvError):

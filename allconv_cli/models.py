@@ -1,7 +1,7 @@
 """The paper's twelve CIFAR networks, generated from one declarative table.
 
 Tables 1 and 2 of the paper describe three base networks (A, B, C) and four ways of treating their two pooling
-layers (the "branches"). ``BASES`` holds the bases as layer tokens, ``layer_plan`` applies a branch to a base, and
+layers (the "branches"). ``BASE_LAYERS`` holds the bases as layer tokens, ``layer_plan`` applies a branch to a base, and
 ``build`` turns the plan into modules: every layer is its own module object, so no weights are shared by accident
 (one of the 2020 reproduction's bugs).
 """
@@ -17,20 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from allconv_cli.config import INITS
 from allconv_cli.errors import AllconvError
-from allconv_cli.paper import TABLE3
+from allconv_cli.paper import BASES, BRANCHES, TABLE3, registry_name
 
 # Table 1: one token per layer. "convK-C" is a KxK conv with C output channels, "same" padded; "pool" is the
 # 3x3 max-pool with stride 2 that the branches rewrite.
-BASES: dict[str, tuple[str, ...]] = {
+BASE_LAYERS: dict[str, tuple[str, ...]] = {
     "A": ("conv5-96", "pool", "conv5-192", "pool"),
     "B": ("conv5-96", "conv1-96", "pool", "conv5-192", "conv1-192", "pool"),
     "C": ("conv3-96", "conv3-96", "pool", "conv3-192", "conv3-192", "pool"),
 }
 # Shared by all bases: the unpadded 3x3 conv (8x8 -> 6x6), a 1x1 conv, a 1x1 conv to the classes, global average.
 CLASSIFIER: tuple[str, ...] = ("conv3-192-valid", "conv1-192", "conv1-classes")
-BRANCHES: tuple[str, ...] = ("model", "strided", "convpool", "allcnn")
-INITS: tuple[str, ...] = ("xavier", "kaiming", "gaussian", "torch")
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def layer_plan(base: str, branch: str) -> list[LayerSpec]:
     if branch not in BRANCHES:
         raise AllconvError(f"unknown branch {branch!r}: choose one of {', '.join(BRANCHES)}")
     plan = [LayerSpec("dropout", dropout="input")]
-    for token in BASES[base]:
+    for token in BASE_LAYERS[base]:
         if token != "pool":
             plan.append(_conv(token))
             continue
@@ -179,10 +178,6 @@ def build(
     return model
 
 
-def registry_name(base: str, branch: str) -> str:
-    return f"allconv_{base.lower()}_{branch}"
-
-
 def parse_name(name: str) -> tuple[str, str]:
     """``allconv_c_allcnn`` or ``C/allcnn`` or ``c-allcnn`` -> ("C", "allcnn")."""
     cleaned = name.lower().removeprefix("allconv_").replace("/", "_").replace("-", "_")
@@ -193,7 +188,7 @@ def parse_name(name: str) -> tuple[str, str]:
     return base.upper(), branch
 
 
-# The declarative table of the twelve networks: registry name -> (base, branch).
+# The twelve networks: (base, branch) -> registry name.
 ARCHITECTURES: dict[tuple[str, str], str] = {(b, br): registry_name(b, br) for b in BASES for br in BRANCHES}
 
 

@@ -24,18 +24,18 @@ import functools
 import io
 import json
 import math
-import shlex
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from allconv_cli import paper
+from allconv_cli.config import TrainConfig
 from allconv_cli.errors import AllconvError
-from allconv_cli.paper import PAPER, PAPER_EPOCHS, REPRODUCTION_2020, TABLE3
+from allconv_cli.paper import PAPER, PROTOCOLS, REPRODUCTION_2020, TABLE3
 
 TAG = "allconv."  # same prefix as tracking.TAG; not imported from there because tracking pulls in torch
-PROTOCOLS: tuple[str, ...] = ("paper", "validated")
 PROTOCOL_SELECTION = {
     "paper": "lowest test error (selected on the test set, as the paper did)",
     "validated": "highest final validation accuracy (test set unused for selection)",
@@ -49,14 +49,8 @@ ABLATION_SPACES: dict[str, tuple[str, ...]] = {
 ABLATION_TITLES = {"bn-dropout": "BatchNorm x dropout", "optimizer": "SGD vs Adam (optimizer x lr)"}
 # The paper's setting; a reproduction run that differs in any of these is flagged as not comparable.
 PAPER_SETTING: dict[str, str] = {
-    "dataset": "cifar10",
-    "epochs": str(PAPER_EPOCHS),
-    "subset": "None",
-    "test_size": "None",
-    "preprocess": "gcn-zca",
-    "augment": "none",
-    "bn": "False",
-    "optimizer": "sgd",
+    "dataset": "cifar10", "epochs": str(paper.EPOCHS), "subset": "None", "test_size": "None",
+    **{k: str(paper.PROTOCOL[k]) for k in ("preprocess", "augment", "bn", "optimizer")},
 }
 
 
@@ -170,30 +164,9 @@ def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord]
 
 
 def rerun_command(params: dict[str, str]) -> str:
-    """The ``allconv train`` command that trains this run's exact config again (every option spelled out).
-
-    Built from the run's logged params through :class:`TrainConfig`, so it is what the run actually used, not what
-    today's defaults would be. Fields that ``allconv train`` has no option for (``extra``, free-form and unused by
-    the engine; ``lr_gamma``, always the paper's 0.1 in a reproduction) are left out.
-    """
-    from allconv_cli.cli.train_cmd import train_command
-    from allconv_cli.config import TrainConfig
-
-    cfg = TrainConfig.from_params(params)
-    options = {p.name for p in train_command.params}
-    args = ["allconv", "train"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        flag = f.name.replace("_", "-")
-        if f.name not in options or value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(f"--{flag}" if value else f"--no-{flag}")
-        elif f.name == "milestones":
-            args += [f"--{flag}", ",".join(str(m) for m in value)]
-        else:
-            args += [f"--{flag}", str(value)]
-    return shlex.join(args)
+    """The ``allconv train`` command that trains this run's exact config again, from its logged params (what the
+    run actually used, not what today's defaults would be)."""
+    return TrainConfig.from_params(params).command_line()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,7 +354,7 @@ def table3(runs: Sequence[RunRecord]) -> list[NetworkRow]:
             for protocol in PROTOCOLS
         }
         rows.append(NetworkRow(
-            base=base, branch=branch, name=f"allconv_{base.lower()}_{branch}", display_name=entry.display_name,
+            base=base, branch=branch, name=paper.registry_name(base, branch), display_name=entry.display_name,
             params=counts[(base, branch)], paper_params=entry.params_printed, paper_error=entry.error,
             error_2020=entry.error_2020, protocols=results,
         ))

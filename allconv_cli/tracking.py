@@ -122,7 +122,7 @@ def start_run(
     all_tags = {
         f"{TAG}model": cfg.model,
         f"{TAG}branch": cfg.branch,
-        f"{TAG}network": f"allconv_{cfg.model.lower()}_{cfg.branch}",
+        f"{TAG}network": cfg.registry_name,
         f"{TAG}dataset": cfg.dataset,
         f"{TAG}status": "running",
         f"{TAG}version": __version__,

@@ -35,13 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from allconv_cli.config import AUGMENTATIONS, DATASETS, PREPROCESSINGS
 from allconv_cli.errors import AllconvError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "fake")
-PREPROCESSINGS = ("gcn-zca", "standardize", "none")
-AUGMENTATIONS = ("none", "flip-translate")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fake": 10}

@@ -66,7 +66,7 @@ def train_command(
     else:
         cfg = TrainConfig(**options)
         experiment_name = experiment
-    name = run_name or f"allconv_{cfg.model.lower()}_{cfg.branch}"
+    name = run_name or cfg.registry_name
     with RichProgress(console, name) as progress:
         outcome = run_tracked(
             cfg,

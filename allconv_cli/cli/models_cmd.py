@@ -19,7 +19,7 @@ def models_command(fmt: str, summary_name: str | None, num_classes: int, bn: boo
     from rich.console import Console
     from rich.table import Table
 
-    from allconv_cli import models
+    from allconv_cli import models, paper
 
     console = Console()
     if summary_name:
@@ -29,7 +29,7 @@ def models_command(fmt: str, summary_name: str | None, num_classes: int, bn: boo
             keys = ("layer", "module", "output_shape", "params")
             click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
             return
-        table = Table(title=f"{models.TABLE3[(base, branch)].display_name} ({models.registry_name(base, branch)})")
+        table = Table(title=f"{paper.TABLE3[(base, branch)].display_name} ({paper.registry_name(base, branch)})")
         for column in ("layer", "module", "output (C, H, W)", "params"):
             table.add_column(column, justify="right" if column == "params" else "left")
         for name, text, shape, params in rows:
