@@ -21,7 +21,7 @@ How it fits together, and why:
 * **MLflow.** One parent run per study, found again through the study's user attribute ``allconv.parent_run_id`` (and,
   failing that, by the tags ``allconv.study_uid`` + ``allconv.role=study``); the launcher creates it before any worker
   starts, and hosts started independently settle on the first id written to the study. One child run per trial,
-  created through :func:`allconv_cli.runner.run_tracked` (params, per-epoch metrics, checkpoints), tagged with the
+  created through :func:`allconv_cli.tracked_run.run_tracked` (params, per-epoch metrics, checkpoints), tagged with the
   trial number and its final state. The study summary (best params, all trials as CSV, plots) goes to the parent.
 * **Selection.** The objective is the validation accuracy after the last epoch (held out of the training set); each
   epoch's validation accuracy is reported for pruning. The test set is evaluated once at the end of a finished trial
@@ -63,8 +63,8 @@ from allconv_cli.data import DataConfig, Dataset, load_dataset
 from allconv_cli.engine import EpochMetrics, Hooks, resolve_device
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import registry_name
-from allconv_cli.runner import RunOutcome, run_tracked
 from allconv_cli.spaces import SearchSpace
+from allconv_cli.tracked_run import RunOutcome, run_tracked
 
 # Heartbeats, retries and the sampler's options are experimental in Optuna; we rely on them knowingly.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)

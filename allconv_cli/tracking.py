@@ -10,27 +10,24 @@ says otherwise, so ``mlflow ui`` started in the same directory shows everything.
 
 from __future__ import annotations
 
-import copy
 import errno
 import functools
-import logging
 import os
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from allconv_cli import __version__
 from allconv_cli.config import TrainConfig
-from allconv_cli.engine import EpochMetrics, Hooks, TrainResult
 from allconv_cli.errors import AllconvError
 
 T = TypeVar("T")
@@ -115,7 +112,8 @@ def start_run(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
-    device: torch.device | None = None,
+    device: Any = None,
+    device_name: str | None = None,
     data_fingerprint: str | None = None,
 ) -> str:
     """Create a run holding every config value as a param and the tags the README promises; returns its id."""
@@ -126,12 +124,12 @@ def start_run(
         f"{TAG}dataset": cfg.dataset,
         f"{TAG}status": "running",
         f"{TAG}version": __version__,
-        f"{TAG}torch": torch.__version__,
+        f"{TAG}torch": metadata.version("torch"),
     }
     if device is not None:
         all_tags[f"{TAG}device"] = str(device)
-        if device.type == "cuda":
-            all_tags[f"{TAG}device_name"] = torch.cuda.get_device_name(device)
+    if device_name:
+        all_tags[f"{TAG}device_name"] = device_name
     if data_fingerprint:
         all_tags[f"{TAG}data_hash"] = data_fingerprint
     commit = git_commit()
@@ -143,53 +141,35 @@ def start_run(
     mlc = client()
     run = retrying(mlc.create_run, experiment_id(experiment), tags=all_tags, run_name=run_name)
     run_id = run.info.run_id
-    params = [Param(k, v[:6000]) for k, v in cfg.to_params().items()]
-    for i in range(0, len(params), 100):
-        retrying(mlc.log_batch, run_id, params=params[i : i + 100])
+    log_params(run_id, cfg.to_params())
     return run_id
 
 
-class MlflowHooks(Hooks):
-    """Logs each epoch's metrics in one batch call and uploads the rolling ``last`` and ``best`` checkpoints."""
-
-    def __init__(self, run_id: str, checkpoint_every: int = 1) -> None:
-        self.run_id = run_id
-        self.checkpoint_every = max(1, checkpoint_every)
-        self.client = client()
-
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, metrics.epoch) for k, v in metrics.as_dict().items() if k != "epoch"]
-        retrying(self.client.log_batch, self.run_id, metrics=batch)
-
-    def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
-        if kind == "last" and epoch % self.checkpoint_every:
-            return
-        retrying(self.client.log_artifact, self.run_id, str(path), "checkpoints")
-        retrying(self.client.set_tag, self.run_id, f"{TAG}checkpoint_{kind}_epoch", str(epoch))
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
-def finish_run(run_id: str, result: TrainResult, *, log_model: bool = True) -> None:
-    """Record the outcome: final metrics, status and reason tags, the model, and the MLflow run status."""
-    mlc = client()
-    now = int(time.time() * 1000)
-    final = {
-        "test_accuracy": result.test_accuracy,
-        "test_loss": result.test_loss,
-        "test_error": None if result.test_accuracy is None else 100.0 * (1.0 - result.test_accuracy),
-        "final_val_accuracy": result.val_accuracy,
-        "best_val_accuracy": result.best_val_accuracy,
-        "mean_images_per_second": result.images_per_second,
-        "total_seconds": result.seconds,
-    }
-    metrics = [Metric(k, float(v), now, result.epochs_completed) for k, v in final.items() if v is not None]
-    tags = [RunTag(f"{TAG}status", result.status), RunTag(f"{TAG}epochs_completed", str(result.epochs_completed))]
-    if result.reason:
-        tags.append(RunTag(f"{TAG}reason", result.reason[:5000]))
-    retrying(mlc.log_batch, run_id, metrics=metrics, tags=tags)
-    if log_model and result.status == "finished":
-        log_pytorch_model(run_id, result.model)
-    retrying(mlc.set_terminated, run_id, RUN_STATUS.get(result.status, "FINISHED"))
+def log_params(run_id: str, params: dict[str, str]) -> None:
+    """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6,000 characters."""
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        retrying(client().log_batch, run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+    """One batch call; ``None`` values are skipped."""
+    now = now_ms()
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    if batch:
+        retrying(client().log_batch, run_id, metrics=batch)
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    """One batch call; values cut to MLflow's 5,000 characters."""
+    if tags:
+        retrying(client().log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
 
 
 def mark_failed(run_id: str, reason: str, status: str = "FAILED") -> None:
@@ -198,26 +178,6 @@ def mark_failed(run_id: str, reason: str, status: str = "FAILED") -> None:
     retrying(mlc.set_tag, run_id, f"{TAG}status", status.lower())
     retrying(mlc.set_tag, run_id, f"{TAG}reason", reason[:5000])
     retrying(mlc.set_terminated, run_id, status)
-
-
-def log_pytorch_model(run_id: str, model: torch.nn.Module) -> None:
-    """The final model via ``mlflow.pytorch.log_model``, reloadable with ``mlflow.pytorch.load_model``.
-
-    Pickle serialisation returns the real ``AllConvNet`` (trainable, inspectable); the input example gives the
-    model a signature. Requirements are given explicitly: MLflow's inference would import-scan the environment.
-    """
-    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
-    example = torch.zeros(1, 3, 32, 32).numpy()
-    # MLflow warns about pickle on every call; the choice is deliberate (see the docstring).
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.pytorch.log_model(
-            cpu_model,
-            name="model",
-            input_example=example,
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"allconv=={__version__}"],
-        )
 
 
 def download_checkpoint(run_id: str, kind: str = "last") -> Path:

@@ -141,7 +141,7 @@ def test_corrupted_checkpoint_restarts_the_trial_from_scratch(
     the new run, and the trial trains from epoch 1 instead of crashing."""
     from allconv_cli import tracking
     from allconv_cli.config import TrainConfig
-    from allconv_cli.runner import run_tracked
+    from allconv_cli.tracked_run import run_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "cache"))

@@ -49,6 +49,14 @@ def main() -> None:
 
 
 # Commands register themselves on `main`; each imports only click at module level.
-from allconv_cli.cli import bench_cmd, models_cmd, report_cmd, reproduce_cmd, search_cmd, train_cmd  # noqa: E402
+from allconv_cli.cli import (  # noqa: E402
+    bench_cmd,
+    models_cmd,
+    report_cmd,
+    reproduce_cmd,
+    search_cmd,
+    spaces_cmd,
+    train_cmd,
+)
 
-__all__ = ["bench_cmd", "main", "models_cmd", "report_cmd", "reproduce_cmd", "search_cmd", "train_cmd"]
+__all__ = ["bench_cmd", "main", "models_cmd", "report_cmd", "reproduce_cmd", "search_cmd", "spaces_cmd", "train_cmd"]

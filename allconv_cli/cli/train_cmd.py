@@ -55,7 +55,7 @@ def train_command(
     from allconv_cli import tracking
     from allconv_cli.config import TrainConfig
     from allconv_cli.progress import RichProgress, summary_table
-    from allconv_cli.runner import run_tracked
+    from allconv_cli.tracked_run import run_tracked
 
     console = Console(stderr=as_json)
     if resume_run_id:

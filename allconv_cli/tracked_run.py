@@ -7,15 +7,32 @@ same params, metrics, checkpoints and model, and resume the same way.
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from allconv_cli import tracking
+import mlflow
+import torch
+from mlflow.entities import Metric, RunTag
+
+from allconv_cli import __version__, tracking
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, load_dataset
-from allconv_cli.engine import CheckpointError, HookList, Hooks, TrainResult, load_checkpoint, resolve_device, train
+from allconv_cli.engine import (
+    CheckpointError,
+    EpochMetrics,
+    HookList,
+    Hooks,
+    TrainResult,
+    load_checkpoint,
+    resolve_device,
+    train,
+)
+from allconv_cli.tracking import RUN_STATUS, TAG, client, retrying
 
 
 @dataclass
@@ -83,6 +100,7 @@ def run_tracked(
             parent_run_id=parent_run_id,
             tags=tags,
             device=device,
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             data_fingerprint=data.fingerprint,
         )
     if on_run_created is not None:
@@ -91,7 +109,7 @@ def run_tracked(
         tracking.client().set_tag(run_id, f"{tracking.TAG}checkpoint_problem", problem[:5000])
     if checkpoint_from_run:
         tracking.client().set_tag(run_id, f"{tracking.TAG}resumed_from_run", checkpoint_from_run)
-    all_hooks = HookList([tracking.MlflowHooks(run_id, checkpoint_every), *hooks])
+    all_hooks = HookList([MlflowHooks(run_id, checkpoint_every), *hooks])
     with tempfile.TemporaryDirectory(prefix="allconv-ckpt-") as checkpoint_dir:
         try:
             result = train(
@@ -107,5 +125,68 @@ def run_tracked(
                 interrupted = isinstance(exc, KeyboardInterrupt)
                 tracking.mark_failed(run_id, f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
             raise
-        tracking.finish_run(run_id, result, log_model=log_model)
+        finish_run(run_id, result, log_model=log_model)
     return RunOutcome(run_id, result, resumed_from_epoch=start_epoch if resume_path else 0, checkpoint_problem=problem)
+
+
+class MlflowHooks(Hooks):
+    """Logs each epoch's metrics in one batch call and uploads the rolling ``last`` and ``best`` checkpoints."""
+
+    def __init__(self, run_id: str, checkpoint_every: int = 1) -> None:
+        self.run_id = run_id
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.client = client()
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, metrics.epoch) for k, v in metrics.as_dict().items() if k != "epoch"]
+        retrying(self.client.log_batch, self.run_id, metrics=batch)
+
+    def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
+        if kind == "last" and epoch % self.checkpoint_every:
+            return
+        retrying(self.client.log_artifact, self.run_id, str(path), "checkpoints")
+        retrying(self.client.set_tag, self.run_id, f"{TAG}checkpoint_{kind}_epoch", str(epoch))
+
+
+def finish_run(run_id: str, result: TrainResult, *, log_model: bool = True) -> None:
+    """Record the outcome: final metrics, status and reason tags, the model, and the MLflow run status."""
+    mlc = client()
+    now = int(time.time() * 1000)
+    final = {
+        "test_accuracy": result.test_accuracy,
+        "test_loss": result.test_loss,
+        "test_error": None if result.test_accuracy is None else 100.0 * (1.0 - result.test_accuracy),
+        "final_val_accuracy": result.val_accuracy,
+        "best_val_accuracy": result.best_val_accuracy,
+        "mean_images_per_second": result.images_per_second,
+        "total_seconds": result.seconds,
+    }
+    metrics = [Metric(k, float(v), now, result.epochs_completed) for k, v in final.items() if v is not None]
+    tags = [RunTag(f"{TAG}status", result.status), RunTag(f"{TAG}epochs_completed", str(result.epochs_completed))]
+    if result.reason:
+        tags.append(RunTag(f"{TAG}reason", result.reason[:5000]))
+    retrying(mlc.log_batch, run_id, metrics=metrics, tags=tags)
+    if log_model and result.status == "finished":
+        log_pytorch_model(run_id, result.model)
+    retrying(mlc.set_terminated, run_id, RUN_STATUS.get(result.status, "FINISHED"))
+
+
+def log_pytorch_model(run_id: str, model: torch.nn.Module) -> None:
+    """The final model via ``mlflow.pytorch.log_model``, reloadable with ``mlflow.pytorch.load_model``.
+
+    Pickle serialisation returns the real ``AllConvNet`` (trainable, inspectable); the input example gives the
+    model a signature. Requirements are given explicitly: MLflow's inference would import-scan the environment.
+    """
+    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    example = torch.zeros(1, 3, 32, 32).numpy()
+    # MLflow warns about pickle on every call; the choice is deliberate (see the docstring).
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pytorch.log_model(
+            cpu_model,
+            name="model",
+            input_example=example,
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"allconv=={__version__}"],
+        )
