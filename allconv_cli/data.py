@@ -656,6 +656,13 @@ def load_dataset(cfg: DataConfig, device: torch.device | str | None = None) -> D
 # batches and augmentation
 
 
+def load_onto(cfg: DataConfig, device: torch.device | str) -> Dataset:
+    """The one way a run gets its data: load, split and preprocess (the ZCA fit on ``device`` too), then move the
+    whole dataset there once, channels_last. Training, search trials, retraining and the benchmark all use it."""
+    device = torch.device(device)
+    return load_dataset(cfg, device=device).to(device, channels_last=True)
+
+
 def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                     drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``split`` indexed straight out of its on-device tensors.

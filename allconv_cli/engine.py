@@ -25,6 +25,7 @@ from allconv_cli import models
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, Split, augment_batch, iterate_batches
 from allconv_cli.errors import AllconvError
+from allconv_cli.paper import error_percent
 
 CHECKPOINT_FORMAT = 1
 
@@ -115,6 +116,10 @@ class TrainResult:
     test_loss: float | None = None
     images_per_second: float = 0.0
     seconds: float = 0.0
+
+    @property
+    def test_error(self) -> float | None:
+        return error_percent(self.test_accuracy)
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("model", "history")}

@@ -86,3 +86,8 @@ OUR_CHOICES: dict[str, object] = {
     "init": "xavier",  # the Caffe recipe (90.25%) used Caffe's fan-in "xavier"; the neon port N(0, 0.05)
     "batch_size": 128,  # the neon/TensorFlow port's; the Caffe recipe used 256
 }
+
+
+def error_percent(accuracy: float | None) -> float | None:
+    """Test error in %, as Table 3 prints it, from an accuracy in [0, 1] (None stays None)."""
+    return None if accuracy is None else 100.0 * (1.0 - float(accuracy))

@@ -85,7 +85,7 @@ def summary_table(result: TrainResult, run_id: str | None = None) -> Table:
         ("final val accuracy", _pct(result.val_accuracy)),
         ("best val accuracy", f"{_pct(result.best_val_accuracy)} (epoch {result.best_epoch})"),
         ("test accuracy", _pct(result.test_accuracy)),
-        ("test error", "-" if result.test_accuracy is None else f"{100 * (1 - result.test_accuracy):.2f}%"),
+        ("test error", "-" if result.test_error is None else f"{result.test_error:.2f}%"),
         ("images/s (train)", f"{result.images_per_second:,.0f}"),
         ("wall time", f"{result.seconds:.1f} s"),
     ]

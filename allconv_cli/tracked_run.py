@@ -21,7 +21,7 @@ from mlflow.entities import Metric, RunTag
 
 from allconv_cli import __version__, tracking
 from allconv_cli.config import TrainConfig
-from allconv_cli.data import Dataset, load_dataset
+from allconv_cli.data import Dataset, load_onto
 from allconv_cli.engine import (
     CheckpointError,
     EpochMetrics,
@@ -45,8 +45,7 @@ class RunOutcome:
 
 def prepare_data(cfg: TrainConfig, device_name: str | None = None) -> Dataset:
     """Load, split and preprocess on the CPU, then move the whole dataset to the training device once."""
-    device = resolve_device(device_name or cfg.device)
-    return load_dataset(cfg.data_config(), device=device).to(device, channels_last=True)  # ZCA fit on the GPU too
+    return load_onto(cfg.data_config(), resolve_device(device_name or cfg.device))
 
 
 def run_tracked(
@@ -156,7 +155,7 @@ def finish_run(run_id: str, result: TrainResult, *, log_model: bool = True) -> N
     final = {
         "test_accuracy": result.test_accuracy,
         "test_loss": result.test_loss,
-        "test_error": None if result.test_accuracy is None else 100.0 * (1.0 - result.test_accuracy),
+        "test_error": result.test_error,
         "final_val_accuracy": result.val_accuracy,
         "best_val_accuracy": result.best_val_accuracy,
         "mean_images_per_second": result.images_per_second,

@@ -31,12 +31,9 @@ def _click_type(name: str) -> Any:
         return click.Choice(spec.choices, case_sensitive=name != "model")
     if name == "data_dir":
         return click.Path(file_okay=False)
-    number = {"int": click.IntRange, "float": click.FloatRange}.get(kind.split(" ")[0])
-    if number is None:
-        return None
-    # The declared range, so a bad flag is named by click at parse time (TrainConfig.validate checks it again
-    # for every other way a config is made: --set, spaces, stored params).
-    return number(min=spec.low, max=spec.high, min_open=spec.low_open, max_open=spec.high_open)
+    # Ranges are not click's: TrainConfig.validate checks them, one message for every way a config is made
+    # (options, --set, a space's fixed values, stored params).
+    return {"int": int, "float": float}.get(kind.split(" ")[0])
 
 
 def field_option(name: str, **overrides: Any) -> Callable[[F], F]:
