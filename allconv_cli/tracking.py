@@ -26,9 +26,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from allconv_cli import __version__
+from allconv_cli import __version__, runtime
 from allconv_cli.config import TrainConfig
 from allconv_cli.errors import AllconvError
+from allconv_cli.stores import DOCKER_HINT, check_tracking_store
 
 T = TypeVar("T")
 TAG = "allconv."  # prefix of our own tags
@@ -42,25 +43,39 @@ RUN_STATUS = {
 }
 
 
-def retrying(fn: Callable[..., T], *args: Any, attempts: int = 6, delay: float = 2.0, **kwargs: Any) -> T:
+def retrying(fn: Callable[..., T], *args: Any, budget: float | None = None, **kwargs: Any) -> T:
     """Call ``fn``, retrying transient failures (a tracking server restarting) with exponential back-off.
 
-    MLflow's HTTP client retries some status codes itself; this also covers refused connections while the server
-    is down, so a finished epoch's metrics are not lost to a restart.
+    The one retry layer: :func:`allconv_cli.runtime.configure` turns MLflow's own HTTP retries off, and the back-off
+    here stops once it would exceed ``budget`` seconds (``$ALLCONV_TRACKING_RETRY_SECONDS``, default 120), so a
+    call fails after at most that plus one request timeout. Unwritable storage fails at once.
     """
-    for attempt in range(attempts):
+    limit = runtime.retry_budget() if budget is None else budget
+    started, delay = time.monotonic(), 1.0
+    while True:
         try:
             return fn(*args, **kwargs)
         except (MlflowException, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
                 raise AllconvError(  # a full or read-only artifact location: retrying cannot help
                     f"cannot write {exc.filename or 'MLflow artifacts'}: {exc.strerror} (the MLflow artifact "
-                    "location must be writable and have free space; or set MLFLOW_TRACKING_URI to another store)"
+                    f"location must be writable and have free space; or set MLFLOW_TRACKING_URI; {DOCKER_HINT})"
                 ) from exc
-            if attempt == attempts - 1 or not _transient(exc):
+            if not _transient(exc):
                 raise
-            time.sleep(delay * 2**attempt)
-    raise AssertionError("unreachable")
+            elapsed = time.monotonic() - started
+            if elapsed + delay > limit:
+                raise AllconvError(
+                    f"the MLflow store {tracking_uri()} did not answer for {elapsed:.0f} s ({_first_line(exc)}): "
+                    f"start it or set MLFLOW_TRACKING_URI; ${runtime.ENV_RETRY_SECONDS} sets how long to retry"
+                ) from exc
+            time.sleep(delay)
+            delay *= 2
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 # Local storage errors that no retry fixes: no space, quota, read-only file system, no permission.
@@ -205,3 +220,15 @@ def reopen_run(run_id: str) -> None:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def resumable_run(run_id: str) -> mlflow.entities.Run:
+    """The run to continue with ``--resume``; a run that already ended as finished has nothing left to train."""
+    check_tracking_store(write=True)
+    run = get_run(run_id)
+    status = run.data.tags.get(f"{TAG}status", "")
+    if run.info.status == "FINISHED" and status == "finished":
+        done = run.data.tags.get(f"{TAG}epochs_completed", "?")
+        raise AllconvError(f"run {run_id} already finished ({done} epochs): nothing to resume; start a new run "
+                           "with allconv train (e.g. with more --epochs)")
+    return run

@@ -10,8 +10,9 @@ import sys
 from typing import Any
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
-from allconv_cli import __version__
+from allconv_cli import __version__, runtime
 from allconv_cli.errors import AllconvError
 
 
@@ -24,8 +25,12 @@ class AllconvGroup(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        runtime.configure()
         try:
             code = super().main(*args, **kwargs)
+        except NoArgsIsHelpError as exc:  # bare `allconv` (or `allconv spaces`-like groups): the help, exit 0
+            click.echo(exc.ctx.get_help() if exc.ctx else self.get_help(click.Context(self)))
+            sys.exit(0)
         except click.UsageError as exc:
             command = exc.ctx.command_path if exc.ctx else "allconv"
             click.echo(f"Error: {exc.format_message()} (see '{command} --help')", err=True)

@@ -50,6 +50,10 @@ def train_command(
     Defaults are the paper's CIFAR-10 protocol: SGD with momentum 0.9, lr 0.05, weight decay 0.001, 350 epochs,
     lr x0.1 after epochs 200, 250 and 300, dropout 20%/50%, GCN + ZCA whitening, no augmentation.
     """
+    from allconv_cli.stores import check_tracking_store
+
+    check_tracking_store(write=not resume_run_id)  # before torch and MLflow are imported: fails in milliseconds
+
     from rich.console import Console
 
     from allconv_cli import tracking
@@ -59,7 +63,7 @@ def train_command(
 
     console = Console(stderr=as_json)
     if resume_run_id:
-        run = tracking.get_run(resume_run_id)
+        run = tracking.resumable_run(resume_run_id)
         cfg = TrainConfig.from_params(run.data.params)
         experiment_name = tracking.client().get_experiment(run.info.experiment_id).name
         console.print(f"Resuming run {resume_run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")

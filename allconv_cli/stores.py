@@ -1,0 +1,114 @@
+"""Fail-fast checks of where runs and studies are written: a local folder nobody can write fails in milliseconds.
+
+Without them MLflow and SQLAlchemy retry an unwritable SQLite file for about two minutes and end in a traceback.
+Torch-, MLflow- and Optuna-free, so the CLI can call them before anything heavy is imported or created.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from allconv_cli.errors import AllconvError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow >= 3.7's own default, artifacts in ./mlruns
+DOCKER_HINT = "in Docker, run the container as the folder's owner: docker run --user $(id -u):$(id -g) ..."
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///...`` URL (relative to the working directory), None for any other URL."""
+    if not url.startswith("sqlite:"):
+        return None
+    rest = url.split(":///", 1)[1] if ":///" in url else ""
+    rest = rest.split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(unquote(rest)) if rest.startswith("/") else Path.cwd() / unquote(rest)
+
+
+def local_path(uri: str) -> Path | None:
+    """The folder or file a local tracking/artifact URI points at (``file:``, ``sqlite:``, a plain path)."""
+    if uri.startswith("sqlite:"):
+        return sqlite_path(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(uri).expanduser().absolute()
+    return None
+
+
+def check_writable_dir(folder: Path, what: str, fix: str) -> None:
+    """Create a temporary file in ``folder`` (or its first existing parent) and remove it; else one-line error.
+
+    A real write, not ``os.access``: root passes ``access`` checks even on a read-only mount.
+    """
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".allconv-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise AllconvError(f"cannot write {what} in {probe} ({reason}): {fix}") from None
+
+
+def check_sqlite_writable(url: str, what: str, fix: str) -> None:
+    """For a SQLite URL: its folder must take a new file, and an existing database file must be writable."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    check_writable_dir(path.parent, what, fix)
+    if path.exists():
+        try:
+            with open(path, "r+b"):
+                pass
+        except OSError as exc:
+            raise AllconvError(f"cannot write {what} {path} ({exc.strerror}): {fix}") from None
+
+
+def check_tracking_store(write: bool = True) -> str:
+    """Check the tracking store before anything is created; returns its URI.
+
+    ``write``: a local store (SQLite file or folder, and ``./mlruns`` for artifacts) must be writable: one line
+    naming the folder and the fix instead of MLflow's two minutes of retries. ``write=False`` (resume, visualize)
+    only reads: a local SQLite file that does not exist is an error, not a new empty database.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    fix = f"run in a folder you can write, or set MLFLOW_TRACKING_URI to another store; {DOCKER_HINT}"
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else local_path(uri)
+    if not write:
+        if path is not None and not path.exists():
+            raise AllconvError(f"no MLflow store at {path}: run allconv train or search here first, or set "
+                               "MLFLOW_TRACKING_URI to the store that holds the run")
+        return uri
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    elif uri.startswith("sqlite:"):
+        check_sqlite_writable(uri, "the MLflow database", fix)
+        check_writable_dir(Path.cwd() / "mlruns", "MLflow artifacts", fix)  # MLflow's default artifact root
+    elif path is not None:
+        check_writable_dir(path, "the MLflow store", fix)
+    return uri
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An MLflow tracking server must answer its ``/health`` endpoint before a run or study is started."""
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:  # it answered: an auth proxy or an old server without /health
+        if exc.code < 500:
+            return
+        reason = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise AllconvError(f"the MLflow server {uri} does not answer ({reason}): start it (see docs/scaling.md) or "
+                       "set MLFLOW_TRACKING_URI")
