@@ -15,7 +15,8 @@ DEFAULT_RETRY_SECONDS = 120.0  # total back-off of one tracking call before it f
 HTTP_TIMEOUT_SECONDS = 30  # one MLflow HTTP request (MLflow's default is 120)
 
 # MLflow loggers whose INFO lines are set-up chatter ("Creating initial MLflow database tables...", migrations).
-_CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.sqlalchemy_store", "alembic", "alembic.runtime.migration")
+_CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.sqlalchemy_store", "mlflow.system_metrics", "alembic",
+                   "alembic.runtime.migration")
 
 
 def configure() -> None:

@@ -7,19 +7,16 @@ same params, metrics, checkpoints and model, and resume the same way.
 from __future__ import annotations
 
 import contextlib
-import copy
-import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.entities import Metric, RunTag
 
-from allconv_cli import __version__, tracking
+from allconv_cli import tracking
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, load_onto
 from allconv_cli.engine import (
@@ -32,6 +29,7 @@ from allconv_cli.engine import (
     resolve_device,
     train,
 )
+from allconv_cli.served_model import log_models
 from allconv_cli.tracking import RUN_STATUS, TAG, client, retrying
 
 
@@ -61,6 +59,7 @@ def run_tracked(
     hooks: Sequence[Hooks] = (),
     data: Dataset | None = None,
     log_model: bool = True,
+    register: str | None = None,
     checkpoint_every: int = 1,
     on_run_created: Callable[[str], None] | None = None,
 ) -> RunOutcome:
@@ -71,6 +70,7 @@ def run_tracked(
     raises, unless ``restart_on_bad_checkpoint``: then the problem is recorded and training starts from scratch.
     ``on_run_created`` gets the run id as soon as the run exists, before training: a search trial records it in
     Optuna then, so a retry of a trial whose worker dies mid-training can find that run's checkpoint.
+    ``register`` names the registered model the finished run's raw-image model is registered as.
     """
     device = resolve_device(cfg.device)
     source_run = resume_run_id or checkpoint_from_run
@@ -102,6 +102,9 @@ def run_tracked(
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             data_fingerprint=data.fingerprint,
         )
+    if not resume_run_id:
+        tracking.log_dataset(run_id, cfg, data.fingerprint, len(data.train), len(data.val) if data.val else 0,
+                             len(data.test))
     if on_run_created is not None:
         on_run_created(run_id)
     if problem:
@@ -109,7 +112,8 @@ def run_tracked(
     if checkpoint_from_run:
         tracking.client().set_tag(run_id, f"{tracking.TAG}resumed_from_run", checkpoint_from_run)
     all_hooks = HookList([MlflowHooks(run_id, checkpoint_every), *hooks])
-    with tempfile.TemporaryDirectory(prefix="allconv-ckpt-") as checkpoint_dir:
+    with tempfile.TemporaryDirectory(prefix="allconv-ckpt-") as checkpoint_dir, \
+            tracking.system_metrics(run_id, resume=bool(resume_run_id)):
         try:
             result = train(
                 cfg,
@@ -124,7 +128,7 @@ def run_tracked(
                 interrupted = isinstance(exc, KeyboardInterrupt)
                 tracking.mark_failed(run_id, f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
             raise
-        finish_run(run_id, result, log_model=log_model)
+        finish_run(run_id, result, cfg=cfg, data=data, log_model=log_model, register=register)
     return RunOutcome(run_id, result, resumed_from_epoch=start_epoch if resume_path else 0, checkpoint_problem=problem)
 
 
@@ -148,8 +152,9 @@ class MlflowHooks(Hooks):
         retrying(self.client.set_tag, self.run_id, f"{TAG}checkpoint_{kind}_epoch", str(epoch))
 
 
-def finish_run(run_id: str, result: TrainResult, *, log_model: bool = True) -> None:
-    """Record the outcome: final metrics, status and reason tags, the model, and the MLflow run status."""
+def finish_run(run_id: str, result: TrainResult, *, cfg: TrainConfig | None = None, data: Dataset | None = None,
+               log_model: bool = True, register: str | None = None) -> None:
+    """Record the outcome: final metrics, status and reason tags, the models, and the MLflow run status."""
     mlc = client()
     now = int(time.time() * 1000)
     final = {
@@ -166,26 +171,6 @@ def finish_run(run_id: str, result: TrainResult, *, log_model: bool = True) -> N
     if result.reason:
         tags.append(RunTag(f"{TAG}reason", result.reason[:5000]))
     retrying(mlc.log_batch, run_id, metrics=metrics, tags=tags)
-    if log_model and result.status == "finished":
-        log_pytorch_model(run_id, result.model)
+    if log_model and result.status == "finished" and cfg is not None and data is not None:
+        log_models(run_id, cfg, result.model, data, register=register)
     retrying(mlc.set_terminated, run_id, RUN_STATUS.get(result.status, "FINISHED"))
-
-
-def log_pytorch_model(run_id: str, model: torch.nn.Module) -> None:
-    """The final model via ``mlflow.pytorch.log_model``, reloadable with ``mlflow.pytorch.load_model``.
-
-    Pickle serialisation returns the real ``AllConvNet`` (trainable, inspectable); the input example gives the
-    model a signature. Requirements are given explicitly: MLflow's inference would import-scan the environment.
-    """
-    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
-    example = torch.zeros(1, 3, 32, 32).numpy()
-    # MLflow warns about pickle on every call; the choice is deliberate (see the docstring).
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.pytorch.log_model(
-            cpu_model,
-            name="model",
-            input_example=example,
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"allconv=={__version__}"],
-        )

@@ -10,13 +10,15 @@ says otherwise, so ``mlflow ui`` started in the same directory shows everything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import logging
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +35,8 @@ from allconv_cli.stores import DOCKER_HINT, check_tracking_store
 
 T = TypeVar("T")
 TAG = "allconv."  # prefix of our own tags
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DEFAULT_UI = "http://127.0.0.1:5000"  # `mlflow ui` in the folder of mlflow.db
 # engine status -> MLflow run status
 RUN_STATUS = {
     "finished": "FINISHED",
@@ -94,18 +98,33 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str) -> str:
-    """Get or create an experiment by name; safe when several processes create it at once."""
+    """Get or create an experiment by name; safe when several processes create it at once. A new experiment is
+    tagged as model training (``mlflow.experimentKind``), so MLflow's UI treats it as runs, not GenAI traces."""
     mlc = client()
     found = retrying(mlc.get_experiment_by_name, name)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            retrying(mlc.set_experiment_tag, found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return retrying(mlc.create_experiment, name)
+        return retrying(mlc.create_experiment, name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:
         found = retrying(mlc.get_experiment_by_name, name)
         if found is None:
             raise
         return found.experiment_id
+
+
+def ui_url(experiment: str, run_id: str | None = None) -> str:
+    """The address that opens an experiment's training-runs view (or one run) in MLflow's UI: the tracking server
+    itself when ``MLFLOW_TRACKING_URI`` is one, else what ``mlflow ui`` serves here by default.
+
+    ``workflowType=machine_learning`` makes MLflow 3.17 land on the runs rather than its GenAI overview (and the
+    browser remembers the switch)."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    page = f"#/experiments/{experiment}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
 
 
 @functools.cache
@@ -154,7 +173,7 @@ def start_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update(tags or {})
     mlc = client()
-    run = retrying(mlc.create_run, experiment_id(experiment), tags=all_tags, run_name=run_name)
+    run = retrying(mlc.create_run, experiment_id(experiment), tags=context_tags(all_tags), run_name=run_name)
     run_id = run.info.run_id
     log_params(run_id, cfg.to_params())
     return run_id
@@ -232,3 +251,52 @@ def resumable_run(run_id: str) -> mlflow.entities.Run:
         raise AllconvError(f"run {run_id} already finished ({done} epochs): nothing to resume; start a new run "
                            "with allconv train (e.g. with more --epochs)")
     return run
+
+
+def context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """``tags`` over MLflow's context tags (``mlflow.user``, ``mlflow.source.name``/``type``, git), which
+    ``MlflowClient.create_run`` would otherwise skip: the UI's User and Source columns fill in."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    try:
+        resolved = resolve_tags()
+    except Exception:  # a context provider failing (no git, odd environment) must not stop a run
+        resolved = {}
+    return {**resolved, **tags}
+
+
+def log_dataset(run_id: str, cfg: TrainConfig, digest: str, n_train: int, n_val: int, n_test: int) -> None:
+    """The training data as the run's dataset input (name, digest = the data hash, source, splits and
+    preprocessing in its profile), so MLflow's Dataset column and lineage show what the run learned from."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = {"dataset": cfg.dataset, "data_dir": cfg.data_dir} if cfg.dataset != "fake" else {"dataset": "fake"}
+    profile = {"train": n_train, "validation": n_val, "test": n_test, "subset": cfg.subset, "val_size": cfg.val_size,
+               "test_size": cfg.test_size, "seed": cfg.seed, "preprocess": cfg.preprocess}
+    dataset = Dataset(name=f"{cfg.dataset}-{cfg.preprocess}", digest=digest, source_type="local",
+                      source=json.dumps(source), profile=json.dumps(profile))
+    retrying(client().log_inputs, run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, resume: bool = False) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where present) sampled by MLflow's own monitor while the run trains.
+
+    Every 10 s, averaged and logged once a minute (60 points for a 1-hour run); MLflow's
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` / ``..._SAMPLES_BEFORE_LOGGING`` override both.
+    """
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=6, resume_logging=resume)
+        monitor.start()
+    except Exception as exc:  # psutil missing or a monitor failing: the run itself must go on
+        logging.getLogger(__name__).warning("system metrics are not recorded: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -34,6 +34,7 @@ def clean_env() -> dict[str, str]:
     200-image subset): the CLI runs here test plumbing, and a 1,000-image test pass per run is wasted CI time."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["ALLCONV_FAKE_SIZES"] = "400,100"
+    env.update(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="2")
     return env
 
 
@@ -74,6 +75,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "--bn",
             "--lr",
             "0.05",
+            "--register",
+            "allconv-a-strided",
             "--json",
         ],
         cwd,
@@ -110,7 +113,7 @@ def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
 def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, dict]) -> None:
     cwd, out = real_run
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
-    model = mlflow.pytorch.load_model(f"runs:/{out['run_id']}/model").eval()
+    model = mlflow.pytorch.load_model(f"runs:/{out['run_id']}/network").eval()  # the bare network
     ckpt_path = mlflow.MlflowClient().download_artifacts(out["run_id"], "checkpoints/last.pt", str(cwd))
     state = torch.load(ckpt_path, weights_only=True)
     from allconv_cli.config import TrainConfig
@@ -121,8 +124,71 @@ def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, d
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
     with torch.no_grad():
         assert torch.equal(model(x), reference.eval()(x))
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{out['run_id']}/model")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{out['run_id']}/network")
     assert np.allclose(pyfunc.predict(x.numpy()), reference(x).detach().numpy(), atol=1e-5)
+
+
+SERVE_CHECK = """
+import json, sys
+import mlflow, numpy as np
+from allconv_cli.config import TrainConfig
+from allconv_cli.data import load_raw, pick_test_indices
+
+mlflow.set_tracking_uri(sys.argv[1])
+run = mlflow.MlflowClient().get_run(sys.argv[2])
+cfg = TrainConfig.from_params(run.data.params).data_config()
+_, _, x_test, y_test, _ = load_raw(cfg)
+keep = pick_test_indices(y_test, cfg.test_size, cfg.seed)
+np.save(sys.argv[3], x_test[keep][:3])
+model = mlflow.pyfunc.load_model(f"runs:/{sys.argv[2]}/model")
+probabilities = model.predict(x_test[keep])
+accuracy = float((probabilities.argmax(1) == y_test[keep]).mean())
+print(json.dumps({"accuracy": accuracy, "logged": run.data.metrics["test_accuracy"], "n": len(keep),
+                  "sums": [float(probabilities.sum(1).min()), float(probabilities.sum(1).max())]}))
+"""
+
+
+def test_logged_model_serves_raw_images(real_run: tuple[Path, dict]) -> None:
+    """The run's ``model`` takes raw uint8 CIFAR images (the fitted GCN + ZCA travels with it): loaded in a fresh
+    process, its accuracy on the run's real test images is the logged test accuracy; `mlflow models predict` works on
+    a JSON of raw images."""
+    cwd, out = real_run
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    sample = cwd / "three.npy"
+    check = subprocess.run([sys.executable, "-c", SERVE_CHECK, uri, out["run_id"], str(sample)], cwd=cwd,
+                           env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    got = json.loads(check.stdout.strip().splitlines()[-1])
+    assert got["n"] == 2000 and got["accuracy"] == pytest.approx(got["logged"], abs=1e-9)
+    assert got["sums"][0] == pytest.approx(1, abs=1e-4) and got["sums"][1] == pytest.approx(1, abs=1e-4)
+    payload = cwd / "input.json"
+    payload.write_text(json.dumps({"inputs": np.load(sample).tolist()}))
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": uri}
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    served = subprocess.run([mlflow_cli, "models", "predict", "-m", f"runs:/{out['run_id']}/model", "-i", str(payload),
+                             "-t", "json", "--env-manager", "local"], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    predictions = np.array(json.loads(served.stdout[served.stdout.index("{"):])["predictions"])
+    assert predictions.shape == (3, 10) and np.allclose(predictions.sum(1), 1, atol=1e-4)
+
+
+def test_runs_carry_mlflow_context_dataset_and_system_metrics(real_run: tuple[Path, dict]) -> None:
+    cwd, out = real_run
+    client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    run = client.get_run(out["run_id"])
+    for tag in ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"):
+        assert run.data.tags.get(tag), tag
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest == run.data.tags["allconv.data_hash"] and dataset.name == "cifar10-gcn-zca"
+    profile = json.loads(dataset.profile)
+    assert profile["train"] == 2000 and profile["validation"] == 1000 and profile["test"] == 2000
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "train"
+    (version,) = client.search_model_versions("name='allconv-a-strided'")
+    assert version.run_id == out["run_id"] and int(version.version) == 1
+    samples = client.get_metric_history(out["run_id"], "system/cpu_utilization_percentage")
+    assert len(samples) >= 1 and "system/system_memory_usage_megabytes" in run.data.metrics
 
 
 def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Path) -> None:

@@ -36,12 +36,16 @@ from allconv_cli.cli.options import (
     show_default=True,
     help="Upload the rolling 'last' checkpoint to MLflow every N epochs.",
 )
+@click.option("--register", metavar="NAME",
+              help="Register the finished run's model (raw uint8 images in, probabilities out) as NAME in MLflow's "
+                   "model registry.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (progress goes to stderr).")
 def train_command(
     resume_run_id: str | None,
     experiment: str,
     run_name: str | None,
     checkpoint_every: int,
+    register: str | None,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -79,6 +83,7 @@ def train_command(
             resume_run_id=resume_run_id,
             hooks=[progress],
             checkpoint_every=checkpoint_every,
+            register=register,
         )
     result = outcome.result
     if as_json:
@@ -103,6 +108,9 @@ def train_command(
         )
     else:
         console.print(summary_table(result, outcome.run_id))
+    run = tracking.get_run(outcome.run_id)
+    where = "" if tracking.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
+    console.print(f"Open the run{where}: {tracking.ui_url(run.info.experiment_id, outcome.run_id)}", soft_wrap=True)
     if result.status == "interrupted":
         console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}")
         sys.exit(130)
