@@ -7,10 +7,14 @@ The store is written with ``MlflowClient`` directly (no training), using the tag
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shlex
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +23,12 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from allconv_cli import report
 from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
 from allconv_cli.paper import TABLE3
+from allconv_cli.report import build_report
+from allconv_cli.report.runs import RunRecord
+from allconv_cli.report.table3 import deviations, select_run
 
 EXPERIMENT = "allconv-reproduce"
 SEARCH_EXPERIMENT = "allconv-search"
@@ -232,16 +238,36 @@ def test_search_studies_and_ablations(store: Path) -> None:
 
 
 def test_select_run_validated_ignores_test_error() -> None:
-    def record(run_id: str, val: float, test: float) -> report.RunRecord:
-        return report.RunRecord(run_id, "e", "", 0, "FINISHED", {"allconv.status": "finished"}, {"lr": "0.1"},
-                                {"final_val_accuracy": val, "test_error": test})
+    def record(run_id: str, val: float, test: float) -> RunRecord:
+        return RunRecord(run_id, "e", "", 0, "FINISHED", {"allconv.status": "finished"}, {"lr": "0.1"},
+                         {"final_val_accuracy": val, "test_error": test})
 
     runs = [record("best-test", 0.80, 5.0), record("best-val", 0.81, 40.0), record("middle", 0.79, 10.0)]
-    assert report.select_run(runs, "validated").run_id == "best-val"
-    assert report.select_run(runs, "paper").run_id == "best-test"
-    diverged = report.RunRecord("nan", "e", "", 0, "FAILED", {"allconv.status": "diverged"}, {},
-                                {"final_val_accuracy": 0.99, "test_error": 1.0})
-    assert report.select_run([*runs, diverged], "validated").run_id == "best-val"
+    assert select_run(runs, "validated").run_id == "best-val"
+    assert select_run(runs, "paper").run_id == "best-test"
+    diverged = RunRecord("nan", "e", "", 0, "FAILED", {"allconv.status": "diverged"}, {},
+                         {"final_val_accuracy": 0.99, "test_error": 1.0})
+    assert select_run([*runs, diverged], "validated").run_id == "best-val"
+
+
+def test_deviations_from_the_papers_protocol() -> None:
+    paper_run = TrainConfig(model="A", branch="model").to_params()
+    assert deviations(paper_run) == ()
+    assert deviations({**paper_run, "weight_decay": "0.0", "epochs": "2"}) == ("epochs=2 (paper: 350)",
+                                                                               "weight_decay=0.0")
+    assert deviations({"lr": "0.1"}) == ()  # what a run did not log is not judged
+
+
+def test_a_built_report_is_filtered_at_build_and_immutable(store: Path) -> None:
+    """What ``allconv reproduce`` prints: only its networks, no studies; and nobody can change it afterwards."""
+    built = build_report([EXPERIMENT, SEARCH_EXPERIMENT], networks={("C", "allcnn")}, include_studies=False)
+    assert [row.name for row in built.networks] == ["allconv_c_allcnn"]
+    assert built.studies == () and built.ablations == ()
+    assert built.notes and all(note.startswith("All-CNN-C") for note in built.notes)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.networks = ()  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.networks[0].protocols["validated"].lr = 1.0  # type: ignore[misc, union-attr]
 
 
 def test_unknown_and_empty_experiments(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,3 +292,31 @@ def test_plot_is_a_png(store: Path, tmp_path: Path) -> None:
     width, height = struct.unpack(">II", raw[16:24])
     assert width >= 1200 and height >= 500
     assert 20_000 < len(raw) < 2_000_000
+
+
+def test_import_and_render_without_torch(tmp_path: Path) -> None:
+    """The report is torch-free: importing it and drawing every view of a report (rows from real selections, param
+    counts given) must not load torch. Only :func:`allconv_cli.report.table3.exact_params` builds the networks."""
+    script = textwrap.dedent(f"""
+        import sys
+        from rich.console import Console
+        import allconv_cli.report as report
+        from allconv_cli.report.runs import RunRecord
+        from allconv_cli.report.table3 import table3
+        from allconv_cli.paper import TABLE3
+
+        tags = {{"allconv.role": "trial", "allconv.kind": "reproduce", "allconv.study_name": "s",
+                "allconv.protocol": "paper", "allconv.model": "A", "allconv.branch": "model",
+                "allconv.status": "finished"}}
+        runs = [RunRecord("r1", "e", "", 0, "FINISHED", tags, {{"lr": "0.1", "epochs": "2"}}, {{"test_error": 12.5}})]
+        rows = tuple(table3(runs, dict.fromkeys(TABLE3, 1000)))
+        built = report.Report("sqlite:///x.db", ("e",), rows, (), (), ("a note",))
+        assert "12.50*" in report.render_markdown(built)
+        assert "12.5" in report.render_csv(built) and "epochs=2" in report.render_json(built)
+        report.render_rich(built, Console(file=sys.stderr, width=200))
+        report.write_bar_chart(built, {str(tmp_path / "chart.png")!r})
+        assert "torch" not in sys.modules, "the report imported torch"
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "chart.png").stat().st_size > 0

@@ -35,5 +35,5 @@ def report_command(experiments: tuple[str, ...], fmt: str, plot_path: str | None
     else:
         report.render_rich(result, report.wide_console())
     if plot_path:
-        report.plot(result, plot_path)
+        report.write_bar_chart(result, plot_path)
         click.echo(f"wrote {plot_path}", err=True)

@@ -76,11 +76,8 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
     outcomes = reproduce.reproduce(plan, console, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     seconds = time.perf_counter() - started
     experiments = sorted({experiment} | {o.experiment for o in outcomes})
-    result = report.build_report(experiments)
     wanted = {(o.base, o.branch) for o in outcomes}
-    result.networks = [row for row in result.networks if (row.base, row.branch) in wanted]
-    result.studies, result.ablations = [], []
-    report.render_rich(result, console)
+    report.render_rich(report.build_report(experiments, networks=wanted, include_studies=False), console)
     console.print(f"{sum(o.status == 'done' for o in outcomes)} of {len(studies)} studies complete in "
                   f"{seconds:,.0f} s; the full table: allconv report", highlight=False)
     if any(o.status == "interrupted" for o in outcomes):

@@ -1,0 +1,131 @@
+"""The report's input: every run of the chosen MLflow experiments, flattened to plain values.
+
+Read through :mod:`allconv_cli.tracking` (with its retries), never from local files, so a report can be made on any
+machine that reaches the tracking store, including while workers on other hosts are still training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from allconv_cli import tracking
+from allconv_cli.errors import AllconvError
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The parts of an MLflow run the report needs, flattened so the selection logic is plain Python."""
+
+    run_id: str
+    experiment: str
+    name: str
+    start_time: int
+    mlflow_status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+    def tag(self, key: str, default: str = "") -> str:
+        return self.tags.get(tracking.TAG + key, default)
+
+    @property
+    def status(self) -> str:
+        """Our own status tag (finished, diverged, pruned, interrupted, failed, running)."""
+        return self.tag("status", self.mlflow_status.lower())
+
+    @property
+    def lr(self) -> float | None:
+        return parse_float(self.params.get("lr"))
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """The validation accuracy of the final model (the one whose test error was measured)."""
+        value = self.metric("final_val_accuracy")
+        return value if value is not None else self.metric("val_accuracy")
+
+    def metric(self, key: str) -> float | None:
+        value = self.metrics.get(key)
+        return None if value is None or not math.isfinite(value) else float(value)
+
+
+def parse_float(value: str | None) -> float | None:
+    """A logged param as a number; None for missing, "None" and non-numeric values."""
+    try:
+        return float(value) if value not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def trials_by_study(runs: Iterable[RunRecord], kind: str | None = None) -> dict[tuple[str, str], list[RunRecord]]:
+    """Trial runs grouped by (experiment, study name); only studies of ``kind`` (the ``kind`` tag) when given."""
+    groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        if run.tag("role") != "trial" or not run.tag("study_name"):
+            continue
+        if kind is not None and run.tag("kind") != kind:
+            continue
+        groups[(run.experiment, run.tag("study_name"))].append(run)
+    return groups
+
+
+def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord], list[str]]:
+    """All runs of the named experiments (default: every active experiment), and the experiment names used.
+
+    A named experiment that does not exist is a user error that lists the ones that do.
+    """
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # nothing was ever tracked here; MLflow would create an empty database just to find that out
+        if experiments:
+            raise AllconvError(f"no MLflow store at {uri}: run `allconv reproduce` here first, or set "
+                               "MLFLOW_TRACKING_URI to the store that holds the runs")
+        return [], []
+    mlc = tracking.client()
+    known = {exp.name: exp.experiment_id for exp in _pages(mlc.search_experiments, max_results=1000)}
+    if experiments:
+        missing = [name for name in experiments if name not in known]
+        if missing:
+            available = ", ".join(sorted(known)) or "none"
+            raise AllconvError(
+                f"no MLflow experiment {missing[0]!r} in {uri}: available are {available} "
+                "(omit --experiment to report on all)"
+            )
+        names = list(dict.fromkeys(experiments))
+    else:
+        names = sorted(known)
+    by_id = {known[name]: name for name in names}
+    if not by_id:
+        return [], names
+    runs = [
+        RunRecord(
+            run_id=run.info.run_id,
+            experiment=by_id[run.info.experiment_id],
+            name=run.info.run_name or "",
+            start_time=run.info.start_time or 0,
+            mlflow_status=run.info.status,
+            tags=dict(run.data.tags),
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+        )
+        for run in _pages(mlc.search_runs, list(by_id), max_results=5000)
+    ]
+    if not experiments:  # all of them: name only those that hold runs (not MLflow's empty "Default")
+        names = [name for name in names if any(run.experiment == name for run in runs)]
+    return runs, names
+
+
+def _pages(search: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    """Every page of an MLflow search (active entities only, MLflow's default), each page read with retries."""
+    items: list[Any] = []
+    token = None
+    while True:
+        page = tracking.retrying(search, *args, page_token=token, **kwargs)
+        items += list(page)
+        token = page.token
+        if not token:
+            return items
