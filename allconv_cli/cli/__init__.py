@@ -62,6 +62,8 @@ from allconv_cli.cli import (  # noqa: E402
     search_cmd,
     spaces_cmd,
     train_cmd,
+    visualize_cmd,
 )
 
-__all__ = ["bench_cmd", "main", "models_cmd", "report_cmd", "reproduce_cmd", "search_cmd", "spaces_cmd", "train_cmd"]
+__all__ = ["bench_cmd", "main", "models_cmd", "report_cmd", "reproduce_cmd", "search_cmd", "spaces_cmd", "train_cmd",
+           "visualize_cmd"]
