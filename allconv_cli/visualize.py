@@ -160,7 +160,7 @@ def load_weights(run_id: str, skeleton: nn.Module, weights: str, device: torch.d
     """The run's trained network in eval mode on ``device``, and where it came from; ``skeleton`` is the run's
     architecture, which takes a checkpoint's weights.
 
-    ``model`` is the MLflow model the run logged when it finished; a run without one (stopped early) falls back
+    ``model`` is the network the run logged (``runs:/ID/network``) when it finished; a run without one (stopped early) falls back
     to its best checkpoint, and says so.
     """
     if weights == "model":
@@ -169,8 +169,8 @@ def load_weights(run_id: str, skeleton: nn.Module, weights: str, device: torch.d
 
         logging.getLogger("mlflow").setLevel(logging.ERROR)  # version-mismatch warnings about the pickled model
         try:
-            model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location=device)
-            return model.to(device).float().eval(), f"runs:/{run_id[:8]}/model"
+            model = mlflow.pytorch.load_model(f"runs:/{run_id}/network", map_location=device)
+            return model.to(device).float().eval(), f"runs:/{run_id[:8]}/network"
         except (MlflowException, OSError) as exc:
             notes.append(f"run {run_id} has no loadable logged model ({type(exc).__name__}): using checkpoints/best.pt")
             weights = "best"
