@@ -160,8 +160,8 @@ def load_weights(run_id: str, skeleton: nn.Module, weights: str, device: torch.d
     """The run's trained network in eval mode on ``device``, and where it came from; ``skeleton`` is the run's
     architecture, which takes a checkpoint's weights.
 
-    ``model`` is the network the run logged (``runs:/ID/network``) when it finished; a run without one (stopped early) falls back
-    to its best checkpoint, and says so.
+    ``model`` is the network the run logged (``runs:/ID/network``) when it finished; a run without one (stopped
+    early) falls back to its best checkpoint, and says so.
     """
     if weights == "model":
         import mlflow.pytorch
