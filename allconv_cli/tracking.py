@@ -205,3 +205,26 @@ def reopen_run(run_id: str) -> None:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def try_set_tags(run_id: str | None, tags: dict[str, str]) -> None:
+    """:func:`set_tags`, best effort: for bookkeeping tags whose loss must not stop a study (no run: nothing)."""
+    import contextlib
+
+    if run_id:
+        with contextlib.suppress(Exception):
+            set_tags(run_id, tags)
+
+
+def config_tags(cfg: TrainConfig) -> dict[str, str]:
+    """What a run trains and from which code: model, branch, network, dataset and the git commit, as run tags."""
+    tags = {
+        f"{TAG}model": cfg.model,
+        f"{TAG}branch": cfg.branch,
+        f"{TAG}network": cfg.registry_name,
+        f"{TAG}dataset": cfg.dataset,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
