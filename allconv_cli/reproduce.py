@@ -32,7 +32,7 @@ from typing import Any
 from allconv_cli import paper
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import BASES, BRANCHES, TABLE3
-from allconv_cli.search.settings import SearchSettings, default_storage_url
+from allconv_cli.search.settings import SearchSettings, default_storage_url, heartbeat_settings
 
 KIND = "reproduce"
 DEFAULT_EXPERIMENT = "allconv-reproduce"
@@ -172,8 +172,8 @@ def study_name(protocol: str, base: str, branch: str, key: str) -> str:
 
 
 def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, *, wait_for_others: bool = False,
-                    **options: Any) -> SearchSettings:
-    """The :class:`~allconv_cli.search.SearchSettings` of one network's study (``options``: heartbeat settings)."""
+                    heartbeat_interval: int | None = None, grace_period: int | None = None) -> SearchSettings:
+    """The :class:`~allconv_cli.search.SearchSettings` of one network's study."""
     from allconv_cli import spaces
     from allconv_cli.tracking import TAG
 
@@ -196,7 +196,7 @@ def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, 
         run_tags=tags,
         objective=OBJECTIVE[protocol],
         wait_for_others=wait_for_others,
-        **{k: v for k, v in options.items() if v is not None},
+        **heartbeat_settings(heartbeat_interval, grace_period),
     )
 
 
@@ -218,7 +218,8 @@ class NetworkOutcome:
     seconds: float
 
 
-def reproduce(plan: ReproducePlan, console: Any, **settings_options: Any) -> list[NetworkOutcome]:
+def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | None = None,
+              grace_period: int | None = None) -> list[NetworkOutcome]:
     """Run every study of ``plan``: first a pass taking the free lrs of each network, then a pass that waits for
     trials still running elsewhere. Stops at the first interruption (rerunning the command resumes)."""
     from allconv_cli.search import run_study
@@ -231,21 +232,22 @@ def reproduce(plan: ReproducePlan, console: Any, **settings_options: Any) -> lis
             previous = outcomes.get((protocol, base, branch))
             if previous is not None and previous.status == "done":
                 continue
-            settings = search_settings(plan, protocol, base, branch, wait_for_others=wait, **settings_options)
+            settings = search_settings(plan, protocol, base, branch, wait_for_others=wait,
+                                       heartbeat_interval=heartbeat_interval, grace_period=grace_period)
             name = TABLE3[(base, branch)].display_name
             console.rule(f"{name}, protocol {protocol}: {len(plan.lrs)} lrs x {plan.epochs} epochs "
                          f"({settings.study_name})")
             started = time.perf_counter()
-            study = run_study(settings, console, data=data)
+            outcome = run_study(settings, console, data=data)
             outcomes[(protocol, base, branch)] = NetworkOutcome(
-                protocol, base, branch, settings.study_name, study.run.experiment, study.status,
-                study.run.parent_run_id, study.counts.finished, settings.trials,
+                protocol, base, branch, settings.study_name, outcome.run.experiment, outcome.status,
+                outcome.run.parent_run_id, outcome.counts.finished, settings.trials,
                 time.perf_counter() - started + (previous.seconds if previous else 0.0),
             )
-            if study.status == "pending":
+            if outcome.status == "pending":
                 console.print(f"{name} ({protocol}): the remaining lrs are running elsewhere; coming back to them "
                               "at the end", highlight=False)
-            if study.status == "interrupted":
+            if outcome.status == "interrupted":
                 return list(outcomes.values())
         if all(o.status == "done" for o in outcomes.values()):
             break

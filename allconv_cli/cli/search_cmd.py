@@ -73,10 +73,10 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
     ctx = click.get_current_context()
     given = {k for k in ctx.params if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
                                                                        ParameterSource.ENVIRONMENT)}
-    session = {k: options.pop(k) for k in ("experiment", "pruner", "workers", "timeout", "heartbeat_interval",
-                                           "grace_period", "max_retry")}
+    run_options = {k: options.pop(k) for k in ("experiment", "pruner", "workers", "timeout", "heartbeat_interval",
+                                               "grace_period", "max_retry")}
     settings, notes = search.plan_search(space_name, options, given, overrides, trials=trials, storage_url=storage_url,
-                                         study_name=study_name, **session)
+                                         study_name=study_name, **run_options)
     for note in notes:
         console.print(f"note: {note}", highlight=False)
     outcome = search.run_study(settings, console, summarize_only=summarize_only)

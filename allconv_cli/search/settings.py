@@ -102,6 +102,13 @@ def safe_url(url: str) -> str:
         return url
 
 
+def heartbeat_settings(interval: int | None = None, grace_period: int | None = None) -> dict[str, int]:
+    """The heartbeat fields of :class:`SearchSettings`, defaults filled in; the grace period stays longer than one
+    interval, or trials that are alive would be declared lost."""
+    interval = interval or DEFAULT_HEARTBEAT_INTERVAL
+    return {"heartbeat_interval": interval, "grace_period": max(grace_period or DEFAULT_GRACE_PERIOD, interval + 1)}
+
+
 def first_line(exc: object) -> str:
     """An exception's first line, whitespace collapsed (its type name if it has no message): for one-line errors."""
     text = str(exc).strip().splitlines()
@@ -167,8 +174,7 @@ def plan_search(space_name: str, options: dict[str, Any], given: Collection[str]
         if "trials" in given:
             notes.append(f"the grid of {space.name} has {grid} points: the study runs {grid} trials")
         trials = grid
-    heartbeat = settings.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
-    settings["grace_period"] = max(settings.get("grace_period", DEFAULT_GRACE_PERIOD), heartbeat + 1)
+    settings.update(heartbeat_settings(settings.pop("heartbeat_interval", None), settings.pop("grace_period", None)))
     plan = SearchSettings(
         study_name=study_name or default_study_name(base["model"], base["branch"], space.name),
         storage_url=storage_url or default_storage_url(), space_source=space.source, space_name=space.name,

@@ -1,8 +1,9 @@
 """The Optuna side of a study: the RDB storage (with heartbeats), sampler, pruner, and the study's identity.
 
 The default storage is the SQLite file ``optuna.db`` in the working directory, next to MLflow's ``mlflow.db``, so a
-search needs no setup; any SQLAlchemy URL (PostgreSQL for many hosts) works with ``--storage``. A study records the space and base config it was created with, so resuming it with other ones (which would mix two
-experiments in one study) is refused, and hosts started together agree on one identity.
+search needs no setup; any SQLAlchemy URL (PostgreSQL for many hosts) works with ``--storage``. A study records
+the space and base config it was created with, so resuming it with other ones (which would mix two experiments in
+one study) is refused, and hosts started together agree on one identity.
 """
 
 from __future__ import annotations
