@@ -32,6 +32,7 @@ from typing import Any
 from allconv_cli import paper
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import BASES, BRANCHES, TABLE3
+from allconv_cli.search.settings import SearchSettings, default_storage_url, heartbeat_settings
 
 KIND = "reproduce"
 DEFAULT_EXPERIMENT = "allconv-reproduce"
@@ -171,27 +172,18 @@ def study_name(protocol: str, base: str, branch: str, key: str) -> str:
 
 
 def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, *, wait_for_others: bool = False,
-                    heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
+                    heartbeat_interval: int | None = None, grace_period: int | None = None) -> SearchSettings:
     """The :class:`~allconv_cli.search.SearchSettings` of one network's study."""
-    from allconv_cli import search, spaces
+    from allconv_cli import spaces
+    from allconv_cli.tracking import TAG
 
     cfg = base_config(plan, base, branch, protocol)
     text = grid_space_text(plan.lrs, protocol)
     space = spaces.parse(text, source=f"allconv reproduce --protocol {protocol}", name=f"reproduce-{protocol}")
-    key = study_key(cfg, plan.lrs)
-    tags = {
-        f"{search.TAG}kind": KIND,
-        f"{search.TAG}protocol": protocol,
-        f"{search.TAG}lrs": ",".join(f"{lr:g}" for lr in plan.lrs),
-    }
-    extra: dict[str, Any] = {}
-    if heartbeat_interval is not None:
-        extra["heartbeat_interval"] = heartbeat_interval
-    if grace_period is not None:
-        extra["grace_period"] = grace_period
-    return search.SearchSettings(
-        study_name=study_name(protocol, base, branch, key),
-        storage_url=plan.storage_url or search.default_storage_url(),
+    tags = {f"{TAG}kind": KIND, f"{TAG}protocol": protocol, f"{TAG}lrs": ",".join(f"{lr:g}" for lr in plan.lrs)}
+    return SearchSettings(
+        study_name=study_name(protocol, base, branch, study_key(cfg, plan.lrs)),
+        storage_url=plan.storage_url or default_storage_url(),
         experiment=plan.experiment,
         space_source=space.source,
         space_name=space.name,
@@ -204,7 +196,7 @@ def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, 
         run_tags=tags,
         objective=OBJECTIVE[protocol],
         wait_for_others=wait_for_others,
-        **extra,
+        **heartbeat_settings(heartbeat_interval, grace_period),
     )
 
 
@@ -212,92 +204,50 @@ def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, 
 # running
 
 
-@dataclass
-class StudyOutcome:
+@dataclass(frozen=True)
+class NetworkOutcome:
     protocol: str
     base: str
     branch: str
     study_name: str
     experiment: str
-    status: str  # done, pending (trials running elsewhere) or interrupted
-    parent_run_id: str | None
+    status: str  # done, pending (trials running elsewhere), timeout or interrupted
+    parent_run_id: str
     finished: int
     target: int
     seconds: float
 
 
-def run_study(settings: Any, console: Any, storage: Any) -> tuple[str, int, bool]:
-    """Create or resume one study and run its free trials; returns (status, finished trials, whether any ran).
-
-    ``settings.parent_run_id`` and ``settings.experiment`` are set to the study's parent run and its experiment.
-    """
-    from allconv_cli import search
-
-    study, created = search.create_or_load_study(settings, storage)
-    space = settings.space()
-    settings.parent_run_id = search.ensure_parent_run(study, settings, space, creator=created)
-    settings.experiment = _experiment_of(settings.parent_run_id, settings.experiment)
-    search._set_tags(settings.parent_run_id, settings.run_tags)  # also on parents made before the tags existed
-    with search.host_lock(settings):
-        search.requeue_interrupted(study)
-    counts = search.count_trials(study.get_trials(deepcopy=False))
-    if counts.finished >= settings.trials and not counts.running and not counts.waiting:
-        return "done", counts.finished, False
-    if not settings.wait_for_others and counts.waiting == 0 and counts.reserved >= settings.trials:
-        return "pending", counts.finished, False  # every lr is taken by another process
-    if settings.workers > 1:
-        search.preload_data(settings)
-    search.open_parent(settings.parent_run_id)
-    status = search.run_search(settings, study, storage, console)
-    counts = search.count_trials(study.get_trials(deepcopy=False))
-    if status in ("busy", "timeout") and counts.finished < settings.trials:
-        status = "pending"
-    elif status != "interrupted":
-        status = "done"
-    search.close_parent(settings.parent_run_id, {"pending": "timeout"}.get(status, status), settings)
-    if status == "done" and settings.objective == "val_accuracy":
-        search.summarize(study, settings, console)  # best lr, trials CSV and plots on the parent run
-    return status, counts.finished, True
-
-
-def _experiment_of(run_id: str, wanted: str) -> str:
-    """Trials go where the study's parent run is (an older study may live in another experiment)."""
-    from allconv_cli import tracking
-
-    run = tracking.get_run(run_id)
-    return tracking.client().get_experiment(run.info.experiment_id).name or wanted
-
-
-def reproduce(plan: ReproducePlan, console: Any, **settings_options: Any) -> list[StudyOutcome]:
+def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | None = None,
+              grace_period: int | None = None) -> list[NetworkOutcome]:
     """Run every study of ``plan``: first a pass taking the free lrs of each network, then a pass that waits for
     trials still running elsewhere. Stops at the first interruption (rerunning the command resumes)."""
-    from allconv_cli import search
+    from allconv_cli.search import run_study
+    from allconv_cli.search.worker import DataCache
 
-    storage_url = plan.storage_url or search.default_storage_url()
-    storage = search.open_storage(storage_url, **{k: v for k, v in settings_options.items() if v is not None})
-    outcomes: dict[tuple[str, str, str], StudyOutcome] = {}
+    data = DataCache()  # networks of one protocol share their data: it is loaded once
+    outcomes: dict[tuple[str, str, str], NetworkOutcome] = {}
     for wait in (False, True):
         for protocol, base, branch in plan.studies():
             previous = outcomes.get((protocol, base, branch))
             if previous is not None and previous.status == "done":
                 continue
-            settings = search_settings(plan, protocol, base, branch, wait_for_others=wait, **settings_options)
+            settings = search_settings(plan, protocol, base, branch, wait_for_others=wait,
+                                       heartbeat_interval=heartbeat_interval, grace_period=grace_period)
             name = TABLE3[(base, branch)].display_name
             console.rule(f"{name}, protocol {protocol}: {len(plan.lrs)} lrs x {plan.epochs} epochs "
                          f"({settings.study_name})")
             started = time.perf_counter()
-            status, finished, ran = run_study(settings, console, storage)
-            outcomes[(protocol, base, branch)] = StudyOutcome(
-                protocol, base, branch, settings.study_name, settings.experiment, status, settings.parent_run_id,
-                finished, settings.trials, time.perf_counter() - started + (previous.seconds if previous else 0.0),
+            outcome = run_study(settings, console, data=data)
+            outcomes[(protocol, base, branch)] = NetworkOutcome(
+                protocol, base, branch, settings.study_name, outcome.run.experiment, outcome.status,
+                outcome.run.parent_run_id, outcome.counts.finished, settings.trials,
+                time.perf_counter() - started + (previous.seconds if previous else 0.0),
             )
-            if status == "done" and not ran:
-                console.print(f"{name} ({protocol}): all {settings.trials} lrs already done in study "
-                              f"{settings.study_name}", highlight=False)
-            elif status == "pending":
+            if outcome.status == "pending":
                 console.print(f"{name} ({protocol}): the remaining lrs are running elsewhere; coming back to them "
                               "at the end", highlight=False)
-            if status == "interrupted":
+            if outcome.status == "interrupted":
                 return list(outcomes.values())
         if all(o.status == "done" for o in outcomes.values()):
             break

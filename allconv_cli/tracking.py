@@ -152,10 +152,7 @@ def start_run(
 ) -> str:
     """Create a run holding every config value as a param and the tags the README promises; returns its id."""
     all_tags = {
-        f"{TAG}model": cfg.model,
-        f"{TAG}branch": cfg.branch,
-        f"{TAG}network": cfg.registry_name,
-        f"{TAG}dataset": cfg.dataset,
+        **config_tags(cfg),
         f"{TAG}status": "running",
         f"{TAG}version": __version__,
         f"{TAG}torch": metadata.version("torch"),
@@ -166,9 +163,6 @@ def start_run(
         all_tags[f"{TAG}device_name"] = device_name
     if data_fingerprint:
         all_tags[f"{TAG}data_hash"] = data_fingerprint
-    commit = git_commit()
-    if commit:
-        all_tags["mlflow.source.git.commit"] = commit
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update(tags or {})
@@ -300,3 +294,24 @@ def system_metrics(run_id: str, resume: bool = False) -> Iterator[None]:
         yield
     finally:
         monitor.finish()
+
+
+def try_set_tags(run_id: str | None, tags: dict[str, str]) -> None:
+    """:func:`set_tags`, best effort: for bookkeeping tags whose loss must not stop a study (no run: nothing)."""
+    if run_id:
+        with contextlib.suppress(Exception):
+            set_tags(run_id, tags)
+
+
+def config_tags(cfg: TrainConfig) -> dict[str, str]:
+    """What a run trains and from which code: model, branch, network, dataset and the git commit, as run tags."""
+    tags = {
+        f"{TAG}model": cfg.model,
+        f"{TAG}branch": cfg.branch,
+        f"{TAG}network": cfg.registry_name,
+        f"{TAG}dataset": cfg.dataset,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags

@@ -477,9 +477,9 @@ def test_gpus_are_assigned_round_robin_and_cpu_workers_share_nothing(monkeypatch
                                      space_name="x", space_text="", base_config={"device": "auto"}, trials=3,
                                      workers=3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert search._gpu_assignment(settings) == ["3", "5", "3"]
+    assert search.gpu_assignment(settings) == ["3", "5", "3"]
     settings.base_config["device"] = "cpu"
-    assert search._gpu_assignment(settings) == [None, None, None]
+    assert search.gpu_assignment(settings) == [None, None, None]
 
 
 def test_pruners() -> None:

@@ -9,23 +9,22 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from allconv_cli import paper
 from allconv_cli.cli import main
 from allconv_cli.cli.options import data_options, experiment_option
 
-DEFAULT_LRS = "0.25,0.1,0.05,0.01"  # paper.PAPER_LRS, spelled out so --help needs no import
-
 
 @main.command("reproduce")
-@click.option("--models", default="A,B,C", show_default=True, metavar="LIST",
+@click.option("--models", default=",".join(paper.BASES), show_default=True, metavar="LIST",
               help="Base networks of Table 1, comma-separated.")
-@click.option("--branches", default="model,strided,convpool,allcnn", show_default=True, metavar="LIST",
+@click.option("--branches", default=",".join(paper.BRANCHES), show_default=True, metavar="LIST",
               help="Variants of Table 2, comma-separated.")
-@click.option("--protocol", type=click.Choice(["paper", "validated", "both"]), default="paper", show_default=True,
+@click.option("--protocol", type=click.Choice([*paper.PROTOCOLS, "both"]), default="paper", show_default=True,
               help="paper: all training images, lr picked on the TEST set (as the paper did). validated: lr picked "
                    "on a --val-size validation split, the honest number. both: run the two.")
-@click.option("--lrs", default=DEFAULT_LRS, show_default=True, metavar="LIST",
+@click.option("--lrs", default=",".join(f"{lr:g}" for lr in paper.LRS), show_default=True, metavar="LIST",
               help="The learning-rate grid: one trial per lr and network.")
-@click.option("--epochs", type=click.IntRange(min=1), default=350, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=paper.EPOCHS, show_default=True,
               help="Epochs per trial; lr x0.1 after 4/7, 5/7 and 6/7 of them (200, 250, 300 of 350).")
 @data_options
 @experiment_option("allconv-reproduce")
@@ -56,7 +55,7 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
     plan = reproduce.ReproducePlan(
         models=reproduce.parse_models(models),
         branches=reproduce.parse_branches(branches),
-        protocols=list(reproduce.PROTOCOLS) if protocol == "both" else [protocol],
+        protocols=list(paper.PROTOCOLS) if protocol == "both" else [protocol],
         lrs=reproduce.parse_lrs(lrs),
         epochs=epochs,
         data=data,
