@@ -9,6 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from allconv_cli import stores
 from allconv_cli.cli import main
 from allconv_cli.cli.options import data_options, experiment_option, hyperparameter_options, network_options
 from allconv_cli.search import settings as plan
@@ -42,6 +43,8 @@ from allconv_cli.search import settings as plan
               help="Afterwards, train the best config on train+validation and evaluate it once on the test set.")
 @click.option("--final-epochs", type=click.IntRange(min=1),
               help="Epochs of the --retrain-best run [default: the study's --epochs].")
+@click.option("--register", metavar="NAME",
+              help="With --retrain-best: register the final run's model (raw images in) as NAME in MLflow's registry.")
 @click.option("--worker", "worker_plan", hidden=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--worker-index", hidden=True, type=int, default=0)
 @click.option("--heartbeat-interval", hidden=True, type=click.IntRange(min=1), default=plan.DEFAULT_HEARTBEAT_INTERVAL,
@@ -51,8 +54,8 @@ from allconv_cli.search import settings as plan
 @click.option("--max-retry", hidden=True, type=click.IntRange(min=0), default=plan.DEFAULT_MAX_RETRY,
               envvar="ALLCONV_MAX_RETRY", help="Retries of a trial whose worker was lost.")
 def search_command(space_name: str, trials: int, overrides: tuple[str, ...], summarize_only: bool, retrain_best: bool,
-                   final_epochs: int | None, worker_plan: str | None, worker_index: int, storage_url: str | None,
-                   study_name: str | None, **options: Any) -> None:
+                   final_epochs: int | None, register: str | None, worker_plan: str | None, worker_index: int,
+                   storage_url: str | None, study_name: str | None, **options: Any) -> None:
     """Search hyperparameters with Optuna; every trial is an MLflow run nested under the study's run.
 
     The objective is the validation accuracy after the last epoch, maximised; the test set is only recorded. Values
@@ -63,6 +66,12 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
     Rerunning the same command resumes the study; then run `mlflow ui` here to compare the trials.
     """
     started = time.perf_counter()
+    if not worker_plan:  # before torch, MLflow and Optuna are imported: an unusable store fails in milliseconds
+        stores.check_tracking_store(write=not summarize_only)
+        stores.check_sqlite_writable(storage_url or plan.default_storage_url(), "the Optuna storage",
+                                     f"pass --storage with a folder you can write; {stores.DOCKER_HINT}")
+    if register and not retrain_best:
+        raise click.UsageError("--register names the --retrain-best run's model: add --retrain-best")
     from rich.console import Console
 
     from allconv_cli import search
@@ -95,11 +104,11 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
     if outcome.status == "timeout":
         console.print("Timeout reached: rerun the same command to add the remaining trials.")
     if retrain_best:
-        final = search.retrain_best(outcome.study, outcome.run, console, final_epochs)
+        final = search.retrain_best(outcome.study, outcome.run, console, final_epochs, register=register)
         if final is not None:
             test = final.result.test_error
             console.print(f"Final run {final.run_id}: {final.result.status}, test error "
                           f"{'-' if test is None else f'{test:.2f}%'}")
             if final.result.status == "interrupted":
                 sys.exit(130)
-    console.print("Compare the trials: run `mlflow ui` in this folder.")
+    console.print(search.study_address(outcome.run), highlight=False)

@@ -16,7 +16,7 @@ from typing import Any
 _HOMES = {
     "budget": ("SURPLUS_ATTR", "Counts", "count_trials", "superseded"),
     "launcher": ("gpu_assignment",),
-    "parent_run": ("retrain_best",),
+    "parent_run": ("retrain_best", "study_address"),
     "session": ("StudyOutcome", "quiet_libraries", "run_study", "run_worker_process"),
     "settings": ("PRUNERS", "SearchSettings", "StudyRun", "default_storage_url", "default_study_name", "plan_search",
                  "safe_url"),

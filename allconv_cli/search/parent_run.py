@@ -258,8 +258,9 @@ def _draw_plots(study: optuna.Study, folder: Path) -> list[str]:
 
 
 def retrain_best(study: optuna.Study, run: StudyRun, console: Console,
-                 final_epochs: int | None = None) -> RunOutcome | None:
-    """Train the best trial's config on train + validation (val_size=0) for the full schedule; test once."""
+                 final_epochs: int | None = None, register: str | None = None) -> RunOutcome | None:
+    """Train the best trial's config on train + validation (val_size=0) for the full schedule; test once.
+    ``register`` registers its raw-image model under that name."""
     settings, parent = run.settings, run.parent_run_id
     best = best_trial(study)
     if best is None:
@@ -286,10 +287,18 @@ def retrain_best(study: optuna.Study, run: StudyRun, console: Console,
     console.print(f"Retraining trial {best.number}'s config on train+validation for {cfg.epochs} epochs")
     with RichProgress(console, f"final (trial {best.number})") as progress:
         outcome = run_tracked(cfg, experiment=run.experiment, run_name="final-best", parent_run_id=parent,
-                              tags=tags, hooks=[progress], data=data, log_model=True)
+                              tags=tags, hooks=[progress], data=data, log_model=True, register=register)
     if parent:
         result = outcome.result
         tracking.log_metrics(parent, {"final_test_accuracy": result.test_accuracy,
                                       "final_test_error": result.test_error})
         tracking.set_tags(parent, {f"{TAG}final_run_id": outcome.run_id})
     return outcome
+
+
+def study_address(run: StudyRun) -> str:
+    """The line that tells where to look at the study: its parent run's page in MLflow's training-runs view (the
+    trials are listed there as child runs)."""
+    exp_id = tracking.get_run(run.parent_run_id).info.experiment_id
+    where = "" if tracking.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
+    return f"Open the study{where}: {tracking.ui_url(exp_id, run.parent_run_id)}"

@@ -19,6 +19,7 @@ import optuna
 from optuna.storages import RDBStorage
 from rich.console import Console
 
+from allconv_cli import runtime
 from allconv_cli.search.budget import Counts, count_trials, host_lock, requeue_interrupted
 from allconv_cli.search.launcher import run_trials
 from allconv_cli.search.parent_run import close_parent, ensure_parent_run, experiment_of, open_parent, summarize
@@ -29,12 +30,13 @@ from allconv_cli.search.worker import DataCache, Worker, preload_data
 
 def quiet_libraries() -> None:
     """Silence what would tear the live view: Optuna's warnings about the experimental features we use knowingly
-    (heartbeats, retries, the sampler's options), its per-trial INFO log, and MLflow's checkpoint download bars."""
+    (heartbeats, retries, the sampler's options), its per-trial INFO log; and MLflow's settings (runtime.configure),
+    also when a study runs without the CLI."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # We drive heartbeats ourselves around ask/tell (see worker.Heartbeat), which Optuna warns about on every ask().
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    runtime.configure()
 
 
 @dataclass(frozen=True)
