@@ -24,6 +24,8 @@ from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
 from allconv_cli.paper import TABLE3
 
+pytestmark = pytest.mark.unit
+
 EXPERIMENT = "allconv-reproduce"
 SEARCH_EXPERIMENT = "allconv-search"
 

@@ -17,6 +17,8 @@ from allconv_cli.config import TrainConfig
 from allconv_cli.search import make_sampler
 from allconv_cli.spaces import SpaceError
 
+pytestmark = pytest.mark.unit
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 PAPER_LRS = {0.25, 0.1, 0.05, 0.01}
 

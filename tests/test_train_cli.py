@@ -82,6 +82,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return cwd, json.loads(run.stdout)
 
 
+@pytest.mark.cifar
 def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
     cwd, out = real_run
     assert {"run_id", "status", "epochs", "val_accuracy", "test_accuracy", "images_per_second"} <= set(out)
@@ -107,6 +108,7 @@ def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
     assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
 
 
+@pytest.mark.cifar
 def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, dict]) -> None:
     cwd, out = real_run
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
@@ -125,6 +127,7 @@ def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, d
     assert np.allclose(pyfunc.predict(x.numpy()), reference(x).detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.cifar
 def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Path) -> None:
     """--resume reads the run's config and last checkpoint and logs into the same run; a bad id is one line."""
     cwd, _ = real_run
@@ -144,6 +147,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
     env = clean_env()
     proc = subprocess.Popen(
@@ -181,6 +185,7 @@ def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
     assert "allconv train --resume" in stderr
 
 
+@pytest.mark.e2e
 def test_user_errors_are_one_line(tmp_path: Path) -> None:
     cases = [
         (["train", "--model", "D"], "'D'"),
@@ -199,6 +204,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a bad command
 
 
+@pytest.mark.unit
 def test_bench_json() -> None:
     """In-process (CliRunner): the command is what is tested here, not a fresh interpreter's start-up."""
     from click.testing import CliRunner
