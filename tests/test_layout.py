@@ -33,9 +33,10 @@ class Import:
     names: tuple[str, ...]  # the names of a `from` import, () for `import x`
     line: int
     top_level: bool  # executed when the module is imported (not inside a function)
+    path: str  # relative to the repository
 
     def where(self) -> str:
-        return f"{self.module.replace('.', '/')}.py:{self.line}"
+        return f"{self.path}:{self.line}"
 
 
 def module_name(path: Path) -> str:
@@ -62,19 +63,20 @@ def imports_of(path: Path) -> list[Import]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), filename=str(path))
     in_function = _function_bodies(tree)
+    rel = str(path.relative_to(ROOT))
     found = []
     for node in ast.walk(tree):
         top = id(node) not in in_function
         if isinstance(node, ast.Import):
-            found += [Import(name, alias.name, (), node.lineno, top) for alias in node.names]
+            found += [Import(name, alias.name, (), node.lineno, top, rel) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             names = tuple(alias.name for alias in node.names)
-            found.append(Import(name, base, names, node.lineno, top))
-            found += [Import(name, f"{base}.{n}", (), node.lineno, top) for n in names if is_module(f"{base}.{n}")]
+            found.append(Import(name, base, names, node.lineno, top, rel))
+            found += [Import(name, f"{base}.{n}", (), node.lineno, top, rel) for n in names if is_module(f"{base}.{n}")]
     return found
 
 
@@ -86,9 +88,10 @@ def within(dotted: str, *prefixes: str) -> bool:
     return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
 
 
-def offenders(importer: tuple[str, ...], forbidden: tuple[str, ...], top_level_only: bool = False) -> list[str]:
+def offenders(importer: str, forbidden: tuple[str, ...], top_level_only: bool = False) -> list[str]:
+    """Imports of ``forbidden`` modules (or their submodules) by ``importer`` (a module, or a package and its own)."""
     return [f"{imp.where()} imports {imp.target}" for imp in IMPORTS
-            if within(imp.module, *importer) and within(imp.target, *forbidden)
+            if within(imp.module, importer) and within(imp.target, *forbidden)
             and (imp.top_level or not top_level_only)]
 
 
@@ -102,23 +105,26 @@ def test_the_rules_see_the_package() -> None:
 
 
 def test_only_the_cli_imports_the_cli() -> None:
-    outside = tuple(m for m in {imp.module for imp in IMPORTS} if not within(m, "allconv_cli.cli"))
-    assert not offenders(outside, ("allconv_cli.cli",))
+    """The library is usable without click; ``python -m allconv_cli`` (``__main__``) is the CLI's other door."""
+    entry_points = ("allconv_cli.cli", "allconv_cli.__main__")
+    bad = [f"{imp.where()} imports {imp.target}" for imp in IMPORTS
+           if within(imp.target, "allconv_cli.cli") and not within(imp.module, *entry_points)]
+    assert not bad
 
 
 def test_engine_knows_nothing_of_tracking_search_or_the_cli() -> None:
     forbidden = ("allconv_cli.tracking", "allconv_cli.tracked_run", "allconv_cli.search", "allconv_cli.cli",
                  "mlflow", "optuna")
-    assert not offenders(("allconv_cli.engine",), forbidden)
+    assert not offenders("allconv_cli.engine", forbidden)
 
 
 def test_models_know_nothing_of_data() -> None:
-    assert not offenders(("allconv_cli.models",), ("allconv_cli.data",))
+    assert not offenders("allconv_cli.models", ("allconv_cli.data",))
 
 
 def test_report_imports_no_cli_and_no_torch_at_module_level() -> None:
-    assert not offenders(("allconv_cli.report",), ("allconv_cli.cli",))
-    assert not offenders(("allconv_cli.report",), ("torch", "torchvision", "timm"), top_level_only=True)
+    assert not offenders("allconv_cli.report", ("allconv_cli.cli",))
+    assert not offenders("allconv_cli.report", ("torch", "torchvision", "timm"), top_level_only=True)
 
 
 def test_report_loads_without_torch() -> None:
@@ -147,7 +153,7 @@ def test_no_private_name_is_imported_across_modules() -> None:
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_")
                     and not node.attr.startswith("__") and aliases.get(node.value.id, name) != name):
-                bad.append(f"{name.replace('.', '/')}.py:{node.lineno} uses {node.value.id}.{node.attr}")
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
 
@@ -211,3 +217,27 @@ def test_wheel_ships_the_search_spaces(tmp_path: Path) -> None:
     assert {"allconv_cli/cli/__init__.py", "allconv_cli/space_files.py"} <= names
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "benchmarks/"))]
 
+
+
+class _Item:
+    """Just what the marker rule reads of a collected test."""
+
+    def __init__(self, name: str, marks: set[str], fixtures: tuple[str, ...] = ()) -> None:
+        self.nodeid, self.marks, self.fixturenames = f"tests/test_x.py::{name}", marks, fixtures
+
+    def get_closest_marker(self, name: str) -> str | None:
+        return name if name in self.marks else None
+
+
+def test_every_test_must_say_what_it_needs() -> None:
+    """The rule in conftest.py that keeps `make test-fast` honest: no unmarked test, no unit test that needs more."""
+    import conftest
+
+    good = [_Item("test_a", {"unit"}), _Item("test_b", {"cifar"}, ("cifar10k", "tmp_path")),
+            _Item("test_c", {"services", "slow"}, ("postgres",)), _Item("test_d", {"e2e"})]
+    conftest.pytest_collection_modifyitems(None, good)  # accepted: no error
+    for bad in (_Item("test_none", set()), _Item("test_unit_and_cifar", {"unit", "cifar"}),
+                _Item("test_unit_with_data", {"unit"}, ("cifar10k",)),
+                _Item("test_e2e_with_server", {"e2e"}, ("mlflow_server",))):
+        with pytest.raises(pytest.UsageError, match=bad.nodeid):
+            conftest.pytest_collection_modifyitems(None, [*good, bad])
