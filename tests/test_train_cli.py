@@ -204,7 +204,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a bad command
 
 
-@pytest.mark.unit
+@pytest.mark.e2e
 def test_bench_json() -> None:
     """In-process (CliRunner): the command is what is tested here, not a fresh interpreter's start-up."""
     from click.testing import CliRunner
