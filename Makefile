@@ -1,8 +1,9 @@
-# `make demo` runs the main job on a fresh machine, `make test` runs the tests; both set up .venv first.
+# `make demo` runs the main job on a fresh machine, `make test` runs every test, `make test-fast` the unit tests
+# (no data, no services, under a minute); all set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo lint bench-search
+.PHONY: install test test-fast demo lint bench-search
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,10 +13,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 lint: install
-	$(VENV)/bin/ruff check allconv_cli tests
+	$(VENV)/bin/ruff check allconv_cli tests scripts benchmarks
 
 test: install lint
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m unit
 
 demo: install
 	$(VENV)/bin/allconv search --model A --branch model --dataset fake --subset 500 --val-size 200 \

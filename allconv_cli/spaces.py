@@ -1,32 +1,8 @@
 """Search spaces: YAML files that say which :class:`~allconv_cli.config.TrainConfig` fields a search samples, how.
 
-A space is data, not code, so a study is reproducible from the file alone and the file is logged with the study.
-Every key is checked before a study starts, because a typo found after three hours of trials (``dropout_hiden``
-silently left at its default) costs the whole study. Errors are one line that names the file, the key and what is
-allowed. Format (see ``allconv spaces show default``)::
-
-    description: one line, shown by `allconv spaces`
-    sampler: tpe                  # tpe | random | grid (grid: every parameter categorical, every point once)
-    fixed:                        # TrainConfig values for every trial
-      momentum: 0.9
-    params:                       # TrainConfig field -> distribution
-      weight_decay: {type: float, low: 1.0e-5, high: 1.0e-2, log: true}
-      batch_size: {type: categorical, choices: [64, 128, 256]}
-      optimizer: {type: categorical, choices: [sgd, adam]}
-      lr:                         # one distribution per value of another field
-        type: float
-        log: true
-        depends_on: optimizer
-        cases:
-          sgd: {low: 0.005, high: 0.5}
-          adam: {low: 1.0e-5, high: 1.0e-2}
-
-A case may also be a plain value (``dropout_hidden`` depends on ``dropout_input`` with ``cases: {0.0: 0.0, 0.2:
-0.5}``), which needs no Optuna parameter and so also works in a grid. A dependent parameter with distributions is a
-separate Optuna parameter per case (``lr.sgd``, ``lr.adam``), because one TPE model over both lr ranges would mix two
-unrelated scales; the trial's config (and its MLflow params) still hold the plain field ``lr``.
-
-This module imports neither torch nor optuna at import time, so ``allconv spaces`` stays fast.
+A space is data, so a study is reproducible from the file alone (it is logged with the study), and every key is
+checked before a study starts. ``--space NAME`` finds ``./search_spaces/NAME.yaml`` (the user's own) before the
+shipped package data; the format and the reasons are in docs/design.md. Imports neither torch nor optuna.
 """
 
 from __future__ import annotations
@@ -37,14 +13,15 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from allconv_cli import space_files
 from allconv_cli.config import DATA_FIELDS, FIELD_NAMES, FIELD_TYPES, SAMPLEABLE, TrainConfig
 from allconv_cli.errors import AllconvError
+from allconv_cli.space_files import SpaceError
 
 SAMPLERS = ("tpe", "random", "grid")
 TOP_KEYS = ("description", "sampler", "fixed", "params")
@@ -59,11 +36,7 @@ DEPENDENT_KEYS = ("depends_on", "cases")
 FIXABLE = FIELD_NAMES
 
 
-class SpaceError(AllconvError):
-    """A search-space file that cannot be used; the message names the file and the key."""
-
-
-def _one_line(text: str) -> str:
+def _collapse_whitespace(text: str) -> str:
     return " ".join(str(text).split())
 
 
@@ -148,12 +121,6 @@ class Dist:
             return trial.suggest_int(name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return trial.suggest_float(name, float(self.low), float(self.high), log=self.log, step=self.step)
 
-    def describe(self) -> str:
-        if self.kind == "categorical":
-            return "{" + ", ".join(case_key(c) for c in self.choices) + "}"
-        extra = (" log" if self.log else "") + (f" step {self.step}" if self.step else "")
-        return f"{self.kind} [{self.low}, {self.high}]{extra}"
-
 
 @dataclass(frozen=True)
 class Param:
@@ -163,11 +130,6 @@ class Param:
     dist: Dist | None = None
     depends_on: str | None = None
     cases: dict[str, Dist | Any] = field(default_factory=dict)  # case_key(parent value) -> Dist or constant
-
-    def optuna_names(self) -> list[str]:
-        if self.dist is not None:
-            return [self.name]
-        return [f"{self.name}.{key}" for key, case in self.cases.items() if isinstance(case, Dist)]
 
 
 @dataclass(frozen=True)
@@ -188,10 +150,6 @@ class SearchSpace:
                 "cases": {k: dataclasses.asdict(c) if isinstance(c, Dist) else c for k, c in p.cases.items()}}
             for n, p in self.params.items()}}
         return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    @property
-    def sampled(self) -> tuple[str, ...]:
-        return tuple(self.params)
 
     @property
     def varies_data(self) -> bool:
@@ -234,50 +192,13 @@ class SearchSpace:
             values[p.name] = case.suggest(trial, f"{p.name}.{key}") if isinstance(case, Dist) else case
         return values
 
-    def summary_rows(self) -> list[tuple[str, str]]:
-        rows = [(name, f"fixed {value!r}") for name, value in self.fixed.items()]
-        for p in self.params.values():
-            if p.dist is not None:
-                rows.append((p.name, p.dist.describe()))
-            else:
-                cases = "; ".join(f"{k}: {c.describe() if isinstance(c, Dist) else repr(c)}"
-                                  for k, c in p.cases.items())
-                rows.append((p.name, f"by {p.depends_on}: {cases}"))
-        return rows
-
 
 # --------------------------------------------------------------------------------------------------------------------
-# finding spaces
+# loading (space_files finds the file: ./search_spaces first, then the shipped ones)
 
 
-def shipped_dir() -> Path:
-    return Path(str(resources.files("allconv_cli") / "search_spaces"))
-
-
-def shipped_names() -> list[str]:
-    return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
-
-
-def resolve(name_or_path: str) -> Path:
-    """A shipped space by name (``default``), else a file path (anything with a ``/`` or a ``.yaml``/``.yml``)."""
-    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or "\\" in name_or_path
-    if looks_like_path:
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
-            raise SpaceError(f"search space file {name_or_path} does not exist: pass a .yaml file or one of "
-                             f"{', '.join(shipped_names())}")
-        return path
-    path = shipped_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        hint = difflib.get_close_matches(name_or_path, shipped_names(), n=1)
-        did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
-        raise SpaceError(f"unknown search space {name_or_path!r}{did_you_mean}: shipped spaces are "
-                         f"{', '.join(shipped_names())}, or pass a path to a .yaml file")
-    return path
-
-
-def load(name_or_path: str) -> SearchSpace:
-    path = resolve(name_or_path)
+def load_path(path: Path) -> SearchSpace:
+    """The space in the file ``path``, validated."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -285,11 +206,16 @@ def load(name_or_path: str) -> SearchSpace:
     return parse(text, source=str(path), name=path.stem)
 
 
+def load(name_or_path: str) -> SearchSpace:
+    """The space ``--space`` names: ``./search_spaces/NAME.yaml``, a shipped NAME, or a path to a .yaml file."""
+    return load_path(space_files.resolve(name_or_path))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # parsing and validation
 
 
-def _unknown(where: str, key: Any, allowed: tuple[str, ...] | list[str], what: str = "key") -> str:
+def _unknown_key_message(where: str, key: Any, allowed: tuple[str, ...] | list[str], what: str = "key") -> str:
     hint = difflib.get_close_matches(str(key), list(allowed), n=1)
     did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
     return f"{where}: unknown {what} {key!r}{did_you_mean}: allowed are {', '.join(allowed)}"
@@ -304,14 +230,14 @@ def parse(text: str, *, source: str = "<string>", name: str = "custom") -> Searc
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpaceError(f"{where}: not valid YAML{at}: {_one_line(problem)}") from None
+        raise SpaceError(f"{where}: not valid YAML{at}: {_collapse_whitespace(problem)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SpaceError(f"{where}: the file must be a mapping with keys {', '.join(TOP_KEYS)}")
     for key in data:
         if key not in TOP_KEYS:
-            raise SpaceError(_unknown(where, key, TOP_KEYS))
+            raise SpaceError(_unknown_key_message(where, key, TOP_KEYS))
     description = data.get("description") or ""
     if not isinstance(description, str) or "\n" in description.strip():
         raise SpaceError(f"{where}: description must be one line of text")
@@ -326,7 +252,7 @@ def parse(text: str, *, source: str = "<string>", name: str = "custom") -> Searc
     for pname, spec in raw_params.items():
         if pname not in SAMPLEABLE:
             what = "hyperparameter" if pname not in FIELD_TYPES else "hyperparameter to sample"
-            raise SpaceError(_unknown(f"{where}: params", pname, SAMPLEABLE, what))
+            raise SpaceError(_unknown_key_message(f"{where}: params", pname, SAMPLEABLE, what))
         if pname in fixed:
             raise SpaceError(f"{where}: {pname} is both fixed and sampled: keep one of fixed.{pname}, params.{pname}")
         params[pname] = _parse_param(where, pname, spec)
@@ -345,7 +271,7 @@ def _parse_fixed(where: str, fixed: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in fixed.items():
         if key not in FIXABLE:
-            raise SpaceError(_unknown(f"{where}: fixed", key, FIXABLE, "hyperparameter"))
+            raise SpaceError(_unknown_key_message(f"{where}: fixed", key, FIXABLE, "hyperparameter"))
         try:
             out[key] = coerce(key, value)
         except ValueError as exc:
@@ -361,7 +287,7 @@ def _check_value(where: str, name: str, value: Any) -> None:
     except AllconvError as exc:
         raise SpaceError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
-        raise SpaceError(f"{where}: {_one_line(exc)}") from None
+        raise SpaceError(f"{where}: {_collapse_whitespace(exc)}") from None
 
 
 def _parse_param(where: str, name: str, spec: Any) -> Param:
@@ -372,7 +298,8 @@ def _parse_param(where: str, name: str, spec: Any) -> Param:
     if "depends_on" in spec or "cases" in spec:
         parent = spec.get("depends_on")
         if parent not in FIELD_TYPES or parent == name:
-            raise SpaceError(_unknown(f"{at}.depends_on", parent, [f for f in FIXABLE if f != name], "hyperparameter"))
+            others = [f for f in FIXABLE if f != name]
+            raise SpaceError(_unknown_key_message(f"{at}.depends_on", parent, others, "hyperparameter"))
         cases = spec.get("cases")
         if not isinstance(cases, dict) or not cases:
             raise SpaceError(f"{at}: depends_on needs cases: a mapping of {parent} value -> distribution or value")
@@ -416,7 +343,7 @@ def _parse_dist(at: str, name: str, spec: dict[str, Any]) -> Dist:
         raise SpaceError(f"{at}.type: {kind!r} is not allowed: use one of {', '.join(DIST_TYPES)}")
     for key in spec:
         if key not in DIST_KEYS[kind]:
-            raise SpaceError(_unknown(f"{at} ({kind})", key, DIST_KEYS[kind]))
+            raise SpaceError(_unknown_key_message(f"{at} ({kind})", key, DIST_KEYS[kind]))
     base, _ = _base_type(name)
     if kind == "categorical":
         choices = spec.get("choices")

@@ -1,37 +1,26 @@
-"""Shared fixtures.
+"""Shared fixtures, the test markers' rules, and the real-data helper.
 
 Services: a real PostgreSQL server and a real ``mlflow server`` (PostgreSQL as its backend store, artifacts served
-by the server) on loopback, started once per session by ``scripts/services.py`` in the order docker-compose.yml
-starts them. Tests that need them FAIL when they cannot be started (PostgreSQL not installed, a port clash): CI
-installs the ``postgresql`` package in ``.ci/run``; locally, ``apt-get install -y postgresql``. Nothing skips.
+by the server) on loopback, started once per session by ``tests/services.py`` (imported as the module ``services``)
+in the order docker-compose.yml starts them. Tests that need them FAIL when they cannot be started (PostgreSQL not
+installed, a port clash): CI installs the ``postgresql`` package in ``.ci/run``; locally, ``apt-get install -y
+postgresql``. Nothing skips.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import services  # tests/services.py; test modules use it as `import services` too
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_DIR = ROOT.parent / "shared" / "data" / "cifar10"  # the real CIFAR-10 arrays (README of ../shared/data)
-
-
-def _load_services():  # a module loaded by path: scripts/ is not a package
-    spec = importlib.util.spec_from_file_location("allconv_services", ROOT / "scripts" / "services.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-services = _load_services()
 
 
 def run_side_by_side(commands: list[list[str]], timeout: float = 300, **popen: object) -> list[
@@ -104,3 +93,23 @@ def service_env(mlflow_server: services.MlflowServer, tmp_path: Path) -> dict[st
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
     )
     return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# markers: every test says what it needs (docs/design.md, "Test markers"); `make test-fast` runs `-m unit`
+
+CATEGORIES = ("unit", "e2e", "cifar", "services")
+NEEDS = {"cifar10k": "cifar", "postgres": "services", "mlflow_server": "services", "service_env": "services"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test without a category, a unit test that is also something else, and a fixture its marker hides."""
+    bad = []
+    for item in items:
+        kinds = [k for k in CATEGORIES if item.get_closest_marker(k)]
+        needed = {NEEDS[f] for f in getattr(item, "fixturenames", ()) if f in NEEDS}
+        if not kinds or ("unit" in kinds and len(kinds) > 1) or not needed <= set(kinds):
+            bad.append(f"{item.nodeid} (marked {', '.join(kinds) or 'nothing'}; needs {', '.join(needed) or '-'})")
+    if bad:
+        raise pytest.UsageError(f"mark each test with one of {', '.join(CATEGORIES)} (a unit test with no other) and "
+                                f"with what its fixtures need: {'; '.join(bad)}")

@@ -65,6 +65,7 @@ def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------------------- splits
 
 
+@pytest.mark.unit
 def test_split_indices_sizes_disjoint_stratified() -> None:
     labels = _labels(500)
     fit, train, val = split_indices(labels, val_size=1000, subset=2000, seed=3)
@@ -78,6 +79,7 @@ def test_split_indices_sizes_disjoint_stratified() -> None:
     assert np.bincount(labels[train], minlength=10).tolist() == [200] * 10
 
 
+@pytest.mark.unit
 def test_split_indices_deterministic_and_seeded() -> None:
     labels = _labels(300)
     a = split_indices(labels, 600, 900, seed=0)
@@ -89,6 +91,7 @@ def test_split_indices_deterministic_and_seeded() -> None:
     assert not np.array_equal(a[1], c[1])
 
 
+@pytest.mark.unit
 def test_split_indices_no_val_no_subset_and_uneven_classes() -> None:
     labels = _labels(50)
     fit, train, val = split_indices(labels, 0, None, seed=0)
@@ -102,6 +105,7 @@ def test_split_indices_no_val_no_subset_and_uneven_classes() -> None:
     assert (got >= np.floor(exact)).all() and (got <= np.ceil(exact)).all()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("val_size", "subset", "shown"),
     [(-1, None, "val_size=-1"), (500, None, "val_size=500"), (100, 0, "subset=0"), (100, 5, "subset=5"),
@@ -118,6 +122,7 @@ def test_split_indices_rejects_bad_sizes(val_size: int, subset: int | None, show
         assert "--val-size between 0 and 499" in message
 
 
+@pytest.mark.unit
 def test_test_part_is_stratified_seeded_and_apart_from_the_split() -> None:
     labels = _labels(100)
     assert np.array_equal(pick_test_indices(labels, None, seed=0), np.arange(1000))
@@ -129,6 +134,7 @@ def test_test_part_is_stratified_seeded_and_apart_from_the_split() -> None:
     assert not np.array_equal(part, pick_test_indices(labels, 300, seed=3))
 
 
+@pytest.mark.unit
 def test_test_size_leaves_train_and_val_alone_and_enters_the_fingerprint() -> None:
     base = DataConfig(dataset="fake", fake_train_size=400, fake_test_size=200, val_size=100, preprocess="none")
     full, part = load_dataset(base), load_dataset(dataclasses.replace(base, test_size=50))
@@ -138,6 +144,7 @@ def test_test_size_leaves_train_and_val_alone_and_enters_the_fingerprint() -> No
     assert part.fingerprint != full.fingerprint
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("test_size", [0, 9, 201, -5])
 def test_test_size_out_of_range_names_the_flag(test_size: int) -> None:
     with pytest.raises(AllconvError) as err:
@@ -150,6 +157,7 @@ def test_test_size_out_of_range_names_the_flag(test_size: int) -> None:
 # ------------------------------------------------------------------------------------------------------- real CIFAR
 
 
+@pytest.mark.cifar
 def test_real_cifar_shapes_labels_and_names(real: Dataset) -> None:
     assert (len(real.train), len(real.val), len(real.test)) == (9000, 1000, 2000)
     for split in (real.train, real.val, real.test):
@@ -160,6 +168,7 @@ def test_real_cifar_shapes_labels_and_names(real: Dataset) -> None:
     assert len(real.fingerprint) == 12
 
 
+@pytest.mark.cifar
 def test_zca_whitened_training_covariance(real: Dataset) -> None:
     """ZCA with regulariser eps makes the training covariance U diag(s / (s + eps)) U^T = I - eps W^2 exactly, i.e. the
     identity in every direction whose variance s is well above eps, and shrunk (never amplified) below it.
@@ -188,12 +197,14 @@ def test_zca_whitened_training_covariance(real: Dataset) -> None:
     assert (eig >= 0.9).sum() >= 150
 
 
+@pytest.mark.cifar
 def test_val_and_test_on_training_scale(real: Dataset) -> None:
     train = _mean_sq_norm(real.train.x)
     assert 0.8 <= _mean_sq_norm(real.val.x) / train <= 1.25
     assert 0.8 <= _mean_sq_norm(real.test.x) / train <= 1.25
 
 
+@pytest.mark.cifar
 def test_subset_uses_fit_on_whole_training_part(real: Dataset, cifar10k: Path, zca_cache: Path) -> None:
     """With subset=2000 the whitening must still come from the 9,000-image training part. Fitted on the 2,000 alone,
     the 3072-dim covariance is badly estimated and unseen images come out ~1.7x larger at eps 0.1 (more at smaller
@@ -223,6 +234,7 @@ def _with_noise_outside_training_part(d: Path, val_size: int) -> None:
     _write_npz(d / "test.npz", rng.integers(0, 256, size=(500, 32, 32, 3), dtype=np.uint8), np.arange(500) % 10)
 
 
+@pytest.mark.cifar
 def test_zca_fitted_on_training_part_only(real: Dataset, zca_cache: Path, tmp_path: Path) -> None:
     """Replace every validation and test image by noise: the training inputs (so the transform) do not change.
 
@@ -236,6 +248,7 @@ def test_zca_fitted_on_training_part_only(real: Dataset, zca_cache: Path, tmp_pa
     assert len(list((zca_cache / "preprocess").iterdir())) == 1
 
 
+@pytest.mark.cifar
 def test_standardize_fitted_on_training_part_only(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     for name in ("train_1.npz", "test.npz"):
@@ -250,6 +263,7 @@ def test_standardize_fitted_on_training_part_only(tmp_path: Path) -> None:
     assert torch.allclose(per_channel.std(1), torch.ones(3), atol=1e-3)
 
 
+@pytest.mark.cifar
 def test_preprocess_none_is_pixels_over_255(cifar10k: Path) -> None:
     none = load_dataset(DataConfig(data_dir=str(cifar10k), val_size=0, preprocess="none", subset=100))
     with np.load(CIFAR_DIR / "test.npz") as z:
@@ -258,6 +272,7 @@ def test_preprocess_none_is_pixels_over_255(cifar10k: Path) -> None:
     assert none.val is None and len(none.train) == 100
 
 
+@pytest.mark.unit
 def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "env"))
     assert preprocess_cache_dir(DataConfig()) == tmp_path / "env" / "preprocess"
@@ -267,6 +282,7 @@ def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert preprocess_cache_dir(DataConfig()) == Path("~/.cache/allconv/preprocess").expanduser()
 
 
+@pytest.mark.cifar
 def test_cache_rejects_torn_or_foreign_files(real: Dataset, zca_cache: Path, tmp_path: Path) -> None:
     """A cache file is used only when whole and made for this key; anything else means refit (and rewrite)."""
     (path,) = (zca_cache / "preprocess").iterdir()
@@ -286,6 +302,7 @@ def test_cache_rejects_torn_or_foreign_files(real: Dataset, zca_cache: Path, tmp
 # ---------------------------------------------------------------------------------------------------------- fake data
 
 
+@pytest.mark.unit
 def test_fake_sizes_and_determinism() -> None:
     cfg = DataConfig(dataset="fake", fake_train_size=600, fake_test_size=150, seed=4)
     x, y, xt, yt, classes = load_raw(cfg)
@@ -299,6 +316,7 @@ def test_fake_sizes_and_determinism() -> None:
     assert np.array_equal(x, bigger_test[0])  # the training images do not depend on the test size
 
 
+@pytest.mark.unit
 def test_fake_is_learnable() -> None:
     """Nearest class mean on standardised pixels: far above the 10 % chance level (measured ~81 %), not trivial."""
     ds = load_dataset(DataConfig(dataset="fake", fake_train_size=2000, fake_test_size=500, val_size=200,
@@ -311,6 +329,7 @@ def test_fake_is_learnable() -> None:
     assert 0.5 < accuracy < 0.99
 
 
+@pytest.mark.unit
 def test_fake_defaults_leave_room_for_the_default_val_split() -> None:
     """`--dataset fake` must work with every other option at its default (val_size 5,000)."""
     fit, train, val = split_indices(make_fake(DataConfig.fake_train_size, 10, 0)[1], 5000, None, 0)
@@ -322,6 +341,7 @@ def test_fake_defaults_leave_room_for_the_default_val_split() -> None:
 # --------------------------------------------------------------------------------------------------- errors, sources
 
 
+@pytest.mark.unit
 def test_unknown_choices_list_the_allowed_values() -> None:
     with pytest.raises(AllconvError) as err:
         load_dataset(DataConfig(dataset="mnist"))
@@ -334,6 +354,7 @@ def test_unknown_choices_list_the_allowed_values() -> None:
     assert AUGMENTATIONS == ("none", "flip-translate")
 
 
+@pytest.mark.unit
 def test_missing_data_dir(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(AllconvError, match=str(missing)) as err:
@@ -341,6 +362,7 @@ def test_missing_data_dir(tmp_path: Path) -> None:
     assert "does not exist" in str(err.value) and "--dataset fake" in str(err.value)
 
 
+@pytest.mark.cifar
 def test_env_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ALLCONV_DATA_DIR", str(tmp_path / "gone"))
     with pytest.raises(AllconvError, match="ALLCONV_DATA_DIR"):
@@ -353,6 +375,7 @@ def test_env_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert x.shape == (10000, 32, 32, 3) and yt.shape == (10000,) and y.dtype == np.int64
 
 
+@pytest.mark.unit
 def test_empty_dir_without_download(tmp_path: Path) -> None:
     with pytest.raises(AllconvError) as err:
         load_raw(DataConfig(data_dir=str(tmp_path), download=False))
@@ -365,6 +388,7 @@ def _tiny(n: int = 20) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((n, 32, 32, 3), np.uint8), np.arange(n) % 10
 
 
+@pytest.mark.unit
 def test_npz_dir_without_test_file(tmp_path: Path) -> None:
     _write_npz(tmp_path / "train_1.npz", *_tiny())
     with pytest.raises(AllconvError, match=r"test\.npz") as err:
@@ -372,6 +396,7 @@ def test_npz_dir_without_test_file(tmp_path: Path) -> None:
     assert str(tmp_path) in str(err.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("arrays", "shown"),
     [
@@ -391,6 +416,7 @@ def test_npz_bad_arrays_name_the_file(tmp_path: Path, arrays: dict[str, np.ndarr
     assert "train_1.npz" in str(err.value) and shown in str(err.value)
 
 
+@pytest.mark.unit
 def test_npz_not_a_zip(tmp_path: Path) -> None:
     (tmp_path / "train_1.npz").write_bytes(b"not a zip")
     _write_npz(tmp_path / "test.npz", *_tiny())
@@ -398,6 +424,7 @@ def test_npz_not_a_zip(tmp_path: Path) -> None:
         load_raw(DataConfig(data_dir=str(tmp_path)))
 
 
+@pytest.mark.unit
 def test_npz_dataset_mismatch_and_cifar100_names(tmp_path: Path) -> None:
     for i in (1, 2):
         _write_npz(tmp_path / f"train_{i}.npz", *_tiny())
@@ -416,6 +443,7 @@ def test_npz_dataset_mismatch_and_cifar100_names(tmp_path: Path) -> None:
     assert load_raw(DataConfig(dataset="cifar100", data_dir=str(hundred)))[4][7] == "name7"
 
 
+@pytest.mark.unit
 def test_fingerprint_tracks_data_changing_fields() -> None:
     base = DataConfig(dataset="fake", fake_train_size=200, fake_test_size=50, val_size=50, preprocess="none")
     fp = load_dataset(base).fingerprint
@@ -433,6 +461,7 @@ def _split(n: int = 103) -> Split:
                  torch.arange(n))
 
 
+@pytest.mark.unit
 def test_iterate_batches_covers_each_index_once_in_seeded_order() -> None:
     split = _split()
     batches = list(iterate_batches(split, 10, shuffle=True, generator=torch.Generator().manual_seed(7)))
@@ -448,6 +477,7 @@ def test_iterate_batches_covers_each_index_once_in_seeded_order() -> None:
     assert torch.equal(order, again) and not torch.equal(order, other)
 
 
+@pytest.mark.unit
 def test_iterate_batches_in_order_and_drop_last() -> None:
     split = _split()
     plain = torch.cat([y for _, y in iterate_batches(split, 25, shuffle=False)])
@@ -460,6 +490,7 @@ def test_iterate_batches_in_order_and_drop_last() -> None:
         iterate_batches(split, 0, shuffle=False)
 
 
+@pytest.mark.unit
 def test_split_to_channels_last_survives_batching() -> None:
     split = _split(20).to("cpu", channels_last=True)
     assert split.x.is_contiguous(memory_format=torch.channels_last)
@@ -472,6 +503,7 @@ def test_split_to_channels_last_survives_batching() -> None:
     assert moved.val is None and moved.train.x.is_contiguous() and torch.equal(moved.train.x, split.x)
 
 
+@pytest.mark.unit
 def test_augment_none_is_identity_and_flip_translate_is_seeded() -> None:
     x = torch.randn(64, 3, 32, 32)
     assert augment_batch(x, "none") is x
@@ -483,6 +515,7 @@ def test_augment_none_is_identity_and_flip_translate_is_seeded() -> None:
     assert not torch.equal(a, x)
 
 
+@pytest.mark.unit
 def test_flip_only_with_zero_pad() -> None:
     x = torch.randn(200, 3, 32, 32)
     out = augment_batch(x, "flip-translate", torch.Generator().manual_seed(0), pad=0)
@@ -492,6 +525,7 @@ def test_flip_only_with_zero_pad() -> None:
     assert 60 < int(mirrored.sum()) < 140  # p = 0.5
 
 
+@pytest.mark.unit
 def test_translation_is_a_zero_filled_shift_within_pad() -> None:
     """Every output is its input, maybe mirrored, shifted by some (dy, dx) in [-pad, pad]^2 with zeros shifted in; over
     a batch the shifts cover the whole range."""

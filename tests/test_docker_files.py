@@ -26,6 +26,8 @@ import yaml
 
 from allconv_cli.cli import main as allconv_main
 
+pytestmark = pytest.mark.unit
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10

@@ -64,6 +64,7 @@ class Recorder(Hooks):
         return "pruned" if self.stop_after is not None and metrics.epoch >= self.stop_after else None
 
 
+@pytest.mark.unit
 def test_paper_defaults() -> None:
     cfg = TrainConfig()
     assert (cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.lr, cfg.epochs) == ("sgd", 0.9, 1e-3, 0.05, 350)
@@ -77,6 +78,7 @@ def test_paper_defaults() -> None:
     assert isinstance(make_optimizer(TrainConfig(optimizer="adam"), model, CPU), torch.optim.Adam)
 
 
+@pytest.mark.e2e
 def test_lr_schedule_is_multisteplr(data, tmp_path: Path) -> None:
     """lr x0.1 *after* each milestone epoch, as torch's MultiStepLR (timm's multistep is one epoch earlier)."""
     hooks = Recorder()
@@ -84,6 +86,7 @@ def test_lr_schedule_is_multisteplr(data, tmp_path: Path) -> None:
     assert [m.lr for m in hooks.epochs] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
 
 
+@pytest.mark.unit
 def test_bad_config_values() -> None:
     with pytest.raises(AllconvError, match="optimizer='rmsprop'"):
         TrainConfig(optimizer="rmsprop")
@@ -96,6 +99,7 @@ def test_bad_config_values() -> None:
         resolve_device("tpu:7")
 
 
+@pytest.mark.e2e
 def test_learns_and_reports(data, tmp_path: Path) -> None:
     hooks = Recorder()
     result = train(tiny(epochs=3), data, device=CPU, checkpoint_dir=tmp_path, hooks=hooks)
@@ -109,6 +113,7 @@ def test_learns_and_reports(data, tmp_path: Path) -> None:
     assert result.images_per_second > 0
 
 
+@pytest.mark.e2e
 def test_same_seed_same_metrics(data, tmp_path: Path) -> None:
     runs = [train(tiny(epochs=2), data, device=CPU, checkpoint_dir=tmp_path / str(i)) for i in range(2)]
     assert runs[0].history[-1]["train_loss"] == runs[1].history[-1]["train_loss"]
@@ -119,6 +124,7 @@ def test_same_seed_same_metrics(data, tmp_path: Path) -> None:
     assert other.history[-1]["train_loss"] != runs[0].history[-1]["train_loss"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("augment", ["none", "flip-translate"])
 def test_resume_is_exact(data, tmp_path: Path, augment: str) -> None:
     """4 epochs straight == 2 epochs, then resume from the checkpoint for 2 more: same weights, same metrics."""
@@ -140,6 +146,7 @@ def test_resume_is_exact(data, tmp_path: Path, augment: str) -> None:
     assert resumed.test_accuracy == straight.test_accuracy
 
 
+@pytest.mark.e2e
 def test_divergence_ends_cleanly(data, tmp_path: Path) -> None:
     result = train(tiny(epochs=3, lr=1e8, bn=False), data, device=CPU, checkpoint_dir=tmp_path)
     assert result.status == "diverged"
@@ -147,6 +154,7 @@ def test_divergence_ends_cleanly(data, tmp_path: Path) -> None:
     assert result.test_accuracy is None
 
 
+@pytest.mark.unit
 def test_corrupted_checkpoint_is_detected(tmp_path: Path) -> None:
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint at all")
@@ -156,6 +164,7 @@ def test_corrupted_checkpoint_is_detected(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.e2e
 def test_interrupt_keeps_last_checkpoint(data, tmp_path: Path) -> None:
     class CtrlC(Hooks):
         def on_batch_end(self, epoch: int, images_seen: int, images_total: int) -> None:
@@ -167,6 +176,7 @@ def test_interrupt_keeps_last_checkpoint(data, tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.e2e
 def test_dead_network_is_stopped_as_collapsed(data, tmp_path: Path) -> None:
     """Weights of std 1e-20: activations underflow to 0 after a few layers, every ReLU is dead, the output is
     constant and no gradient can ever revive it."""

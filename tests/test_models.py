@@ -31,11 +31,13 @@ EXPECTED_PARAMS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("base", "branch"), list(EXPECTED_PARAMS))
 def test_parameter_counts_are_exact(base: str, branch: str) -> None:
     assert models.count_params(models.build(base, branch)) == EXPECTED_PARAMS[(base, branch)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("base", "branch"), list(EXPECTED_PARAMS))
 def test_shapes_and_no_shared_modules(base: str, branch: str) -> None:
     model = models.build(base, branch, num_classes=100).eval()
@@ -58,6 +60,7 @@ def test_shapes_and_no_shared_modules(base: str, branch: str) -> None:
             assert conv.padding == (conv.kernel_size[0] // 2,) * 2
 
 
+@pytest.mark.unit
 def test_branch_rewrites() -> None:
     kinds = {br: [s.kind for s in models.layer_plan("C", br)] for br in models.BRANCHES}
     assert kinds["model"].count("pool") == 2 and kinds["strided"].count("pool") == 0
@@ -75,6 +78,7 @@ def test_branch_rewrites() -> None:
     assert names[names.index("conv1") + 1] == "drop1" and model.layers.drop1.p == 0.5
 
 
+@pytest.mark.unit
 def test_dropout_off_in_eval_and_bn_option() -> None:
     model = models.build("C", "allcnn", bn=True).eval()
     x = torch.randn(4, 3, 32, 32)
@@ -84,6 +88,7 @@ def test_dropout_off_in_eval_and_bn_option() -> None:
     assert not torch.equal(model(x), model(x))
 
 
+@pytest.mark.unit
 def test_head_relu_option() -> None:
     with_relu = models.build("C", "model", init="gaussian")
     without = models.build("C", "model", head_relu=False)
@@ -91,6 +96,7 @@ def test_head_relu_option() -> None:
     assert isinstance(without.layers[-2].relu, nn.Identity)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("init", models.INITS)
 def test_inits(init: str) -> None:
     torch.manual_seed(0)
@@ -103,6 +109,7 @@ def test_inits(init: str) -> None:
         assert weight.abs().max().item() <= bound and weight.std().item() > bound / 3
 
 
+@pytest.mark.unit
 def test_bad_names_raise_clear_errors() -> None:
     with pytest.raises(AllconvError, match="'D'"):
         models.layer_plan("D", "model")
@@ -114,6 +121,7 @@ def test_bad_names_raise_clear_errors() -> None:
     assert models.parse_name("B/convpool") == ("B", "convpool")
 
 
+@pytest.mark.e2e
 def test_timm_registry_after_import() -> None:
     code = (
         "import allconv_cli, timm; m = timm.create_model('allconv_c_allcnn', num_classes=100);"
@@ -130,6 +138,7 @@ def test_timm_registry_after_import() -> None:
     assert second.stdout.strip() == "10"
 
 
+@pytest.mark.unit
 def test_import_does_not_pull_torch() -> None:
     code = (
         "import sys, allconv_cli.cli; print('torch' in sys.modules, 'mlflow' in sys.modules, 'optuna' in sys.modules)"
@@ -138,6 +147,7 @@ def test_import_does_not_pull_torch() -> None:
     assert out == "False False False"
 
 
+@pytest.mark.e2e
 def test_models_cli_json_and_table_and_a_bad_name() -> None:
     cli = [sys.executable, "-m", "allconv_cli", "models"]
     as_json, table, summ, bad = run_side_by_side(
@@ -155,6 +165,7 @@ def test_models_cli_json_and_table_and_a_bad_name() -> None:
     assert bad.stderr.strip().count("\n") == 0 and "allconv_d_model" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.unit
 def test_cli_choices_match_the_library() -> None:
     """The CLI's choice lists are generated from TrainConfig's metadata, so `--help` needs no torch; they are the
     lists the library checks against."""

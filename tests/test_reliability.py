@@ -120,6 +120,7 @@ def test_store_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert stores.sqlite_path("postgresql://u@h/db") is None
 
 
+@pytest.mark.e2e
 def test_unwritable_and_unreachable_stores_fail_fast(tmp_path: Path) -> None:
     """A tracking store that cannot be written (here: a file where its folder should be, which stops root too) or a
     server that does not answer: one line naming it, exit 2, well within 5 s, and no run, database or folder made."""
@@ -135,6 +136,7 @@ def test_unwritable_and_unreachable_stores_fail_fast(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
 
 
+@pytest.mark.e2e
 def test_small_cli_cases(tmp_path: Path) -> None:
     bare = subprocess.run([sys.executable, "-m", "allconv_cli"], cwd=tmp_path, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=60)
@@ -147,6 +149,7 @@ def test_small_cli_cases(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.e2e
 def test_resuming_a_finished_run_says_so(tmp_path: Path) -> None:
     train = ["train", "--model", "A", "--branch", "model", "--dataset", "fake", "--subset", "200", "--val-size", "100",
              "--preprocess", "standardize", "--epochs", "1", "--json"]

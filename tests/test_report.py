@@ -30,6 +30,8 @@ from allconv_cli.report import build_report
 from allconv_cli.report.runs import RunRecord
 from allconv_cli.report.table3 import deviations, select_run
 
+pytestmark = pytest.mark.unit
+
 EXPERIMENT = "allconv-reproduce"
 SEARCH_EXPERIMENT = "allconv-search"
 

@@ -58,6 +58,7 @@ def _runs(role: str) -> list:
             if r.data.tags.get("allconv.role") == role]
 
 
+@pytest.mark.e2e
 def test_runs_carry_tags_params_and_results(workdir: Path) -> None:
     parents = _runs("study")
     trials = _runs("trial")
@@ -79,6 +80,7 @@ def test_runs_carry_tags_params_and_results(workdir: Path) -> None:
     assert [t.data.params["val_size"] for t in by_protocol["paper"]] == ["0"]
 
 
+@pytest.mark.e2e
 def test_report_shows_the_rows(workdir: Path) -> None:
     code, out, _ = _invoke(["report", "--format", "json", "--experiment", reproduce.DEFAULT_EXPERIMENT])
     assert code == 0
@@ -106,6 +108,7 @@ def test_report_shows_the_rows(workdir: Path) -> None:
     assert next(line for line in out.splitlines() if "All-CNN-A" in line).count("*") == 1
 
 
+@pytest.mark.e2e
 def test_rerun_resumes_without_training(workdir: Path) -> None:
     before = len(_runs("trial"))
     code, out, err = _invoke(VALIDATED)
@@ -115,6 +118,7 @@ def test_rerun_resumes_without_training(workdir: Path) -> None:
     assert len(_runs("study")) == 3  # the same parent runs
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("option", "value", "words"), [
     ("--models", "A,D", ["'D'", "A, B, C"]),
     ("--branches", "allcnn,pool", ["'pool'", "model, strided, convpool, allcnn"]),
@@ -129,6 +133,7 @@ def test_bad_values_are_one_line_errors(option: str, value: str, words: list[str
         assert word in err
 
 
+@pytest.mark.unit
 def test_plan_and_study_names() -> None:
     plan = reproduce.ReproducePlan(models=["C", "A"], branches=["allcnn", "model"], protocols=["paper"])
     assert plan.networks() == [("A", "model"), ("A", "allcnn"), ("C", "model"), ("C", "allcnn")]  # Table 3 order

@@ -133,6 +133,7 @@ def server(study_dir: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.e2e
 def test_six_trial_study_is_one_parent_with_six_children(study_dir: Path, server: str) -> None:
     assert (study_dir / "optuna.db").is_file() and (study_dir / "mlflow.db").is_file()
     study = load(study_dir)
@@ -171,6 +172,7 @@ def test_six_trial_study_is_one_parent_with_six_children(study_dir: Path, server
     assert best["val_accuracy"] == max(t.value for t in study.trials if t.state == TrialState.COMPLETE)
 
 
+@pytest.mark.cifar
 def test_study_on_a_real_cifar_subset(workdir: Path, cifar10k: Path) -> None:
     """Real CIFAR-10 through the whole search: a 2,000-image subset, GCN + ZCA, the shipped default space, a 1,000-image
     test part. Scaled to CI (2 trials of 1 epoch); the issue's 6 x 2-epoch study is `make bench-search`."""
@@ -193,6 +195,7 @@ def test_study_on_a_real_cifar_subset(workdir: Path, cifar10k: Path) -> None:
     assert len({r.data.tags["allconv.data_hash"] for r in children}) == 1, "every trial saw the same data"
 
 
+@pytest.mark.e2e
 def test_rerun_with_more_trials_resumes_the_same_study_and_parent(study_dir: Path) -> None:
     parent_before, _ = mlflow_runs(study_dir, STUDY)
     code, out, err = cli("search", *TINY, "--bn", "--epochs", "2", "--space", "tiny.yaml", "--trials", "8")
@@ -230,6 +233,7 @@ def http_json(url: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.e2e
 def test_mlflow_server_started_in_the_search_folder_shows_the_study(study_dir: Path, server: str) -> None:
     """`mlflow ui` with no arguments where the search ran: its REST API finds the parent and every child."""
     deadline = time.time() + 240
@@ -258,6 +262,7 @@ def test_mlflow_server_started_in_the_search_folder_shows_the_study(study_dir: P
     assert "summary/trials.csv" in {f["path"] for f in listed["files"]}
 
 
+@pytest.mark.e2e
 def test_retrain_best_trains_on_train_plus_val_and_tests_once(study_dir: Path) -> None:
     code, out, err = cli("search", *TINY, "--bn", "--epochs", "2", "--space", "tiny.yaml", "--trials", "8",
                          "--summarize", "--retrain-best", "--final-epochs", "1")
@@ -283,6 +288,7 @@ def test_retrain_best_trains_on_train_plus_val_and_tests_once(study_dir: Path) -
 # workers, lost workers, Ctrl-C, divergence
 
 
+@pytest.mark.e2e
 def test_two_workers_record_every_trial_exactly_once(workdir: Path) -> None:
     code, out, err = cli("search", *TINY, "--bn", "--epochs", "1", "--space", "tiny.yaml", "--trials", "3",
                          "--workers", "2", "--study-name", "two-workers")
@@ -297,6 +303,7 @@ def test_two_workers_record_every_trial_exactly_once(workdir: Path) -> None:
     assert all(str(os.getpid()) not in t.user_attrs["worker"] for t in study.trials), "trials ran in the workers"
 
 
+@pytest.mark.e2e
 def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLCONV_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("ALLCONV_HEARTBEAT_GRACE", "3")
@@ -347,6 +354,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monke
     assert lost.data.tags["allconv.retried_as"] == retry_run.info.run_id
 
 
+@pytest.mark.e2e
 def test_ctrl_c_fails_the_trial_and_the_same_command_resumes_it(workdir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from allconv_cli import engine
@@ -386,6 +394,7 @@ def test_ctrl_c_fails_the_trial_and_the_same_command_resumes_it(workdir: Path,
     assert client.get_run(first.info.run_id).data.tags["allconv.retried_as"] == run.info.run_id
 
 
+@pytest.mark.e2e
 def test_diverged_trial_is_recorded_pruned_with_its_reason_and_the_study_goes_on(workdir: Path) -> None:
     (workdir / "diverge.yaml").write_text("description: lr far too large\nsampler: random\n"
                                           "fixed: {lr: 1.0e6, bn: false, batch_size: 10}\n")
@@ -418,6 +427,7 @@ def errdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("args", "expected"), [
     (["--storage", "foo://x"], "foo://x"),
     (["--trails", "3"], "No such option '--trails'"),
@@ -434,6 +444,7 @@ def test_user_errors_are_one_line_with_exit_code_2(args: list[str], expected: st
     assert not list(errdir.glob("*.db")), "nothing is created before the options are checked"
 
 
+@pytest.mark.unit
 def test_postgres_url_that_cannot_connect_names_the_url(errdir: Path) -> None:
     code, _, err = cli("search", "--dataset", "fake", "--space", "tiny.yaml", "--storage",
                        "postgresql://alice:s3cret@127.0.0.1:1/optuna")
@@ -446,6 +457,7 @@ def test_postgres_url_that_cannot_connect_names_the_url(errdir: Path) -> None:
 # counting (no training)
 
 
+@pytest.mark.unit
 def test_counting_finished_trials_with_retries_and_surplus() -> None:
     study = optuna.create_study(direction="maximize")
     make = optuna.trial.create_trial
@@ -465,6 +477,7 @@ def test_counting_finished_trials_with_retries_and_surplus() -> None:
     assert (c.best_value, c.best_number) == (0.7, 4)
 
 
+@pytest.mark.unit
 def test_storage_password_is_stripped() -> None:
     shown = search.safe_url("postgresql+psycopg://bob:pw@db:5432/optuna")
     assert "pw" not in shown and shown.startswith("postgresql+psycopg://bob") and "@db:5432/optuna" in shown
@@ -472,6 +485,7 @@ def test_storage_password_is_stripped() -> None:
     assert search.default_study_name("B", "convpool", "default") == "allconv_b_convpool-default"
 
 
+@pytest.mark.unit
 def test_gpus_are_assigned_round_robin_and_cpu_workers_share_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = search.SearchSettings(study_name="s", storage_url="sqlite:///x.db", experiment="e", space_source="x",
                                      space_name="x", space_text="", base_config={"device": "auto"}, trials=3,
@@ -482,6 +496,7 @@ def test_gpus_are_assigned_round_robin_and_cpu_workers_share_nothing(monkeypatch
     assert search.gpu_assignment(settings) == [None, None, None]
 
 
+@pytest.mark.unit
 def test_pruners() -> None:
     assert isinstance(search.make_pruner("median", 350), optuna.pruners.MedianPruner)
     assert isinstance(search.make_pruner("hyperband", 350), optuna.pruners.HyperbandPruner)

@@ -31,7 +31,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLCONV = str(Path(sys.executable).parent / "allconv")

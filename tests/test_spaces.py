@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from click.testing import CliRunner
 
-from allconv_cli import spaces
+from allconv_cli import space_files, spaces
 from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
 from allconv_cli.search import make_sampler
 from allconv_cli.spaces import SpaceError
+
+pytestmark = pytest.mark.unit
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 PAPER_LRS = {0.25, 0.1, 0.05, 0.01}
@@ -26,7 +30,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("name", ["default", "paper", "bn-dropout", "optimizer"])
 def test_shipped_spaces_are_valid_and_described(name: str) -> None:
-    assert name in spaces.shipped_names()
+    assert name in space_files.shipped_names()
     space = spaces.load(name)
     assert space.description and "\n" not in space.description
     assert space.source.endswith(f"search_spaces/{name}.yaml")
@@ -193,3 +197,104 @@ def test_spaces_command_lists_and_shows() -> None:
     assert code == 0 and "sampler: grid" in out and "[0.25, 0.1, 0.05, 0.01]" in out
     code, _, err = run_cli("spaces", "show", "nope")
     assert code == 2 and err.startswith("Error: unknown search space 'nope'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the user's ./search_spaces folder (in the working directory, next to mlruns/) before the shipped spaces
+
+MINE = "description: my lr range\nsampler: random\nparams:\n  lr: {type: float, low: 0.02, high: 0.2, log: true}\n"
+
+
+@pytest.fixture
+def userdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory, as a user's project folder."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_local_space_is_found_first_and_shadows_a_shipped_name(userdir: Path) -> None:
+    (userdir / "search_spaces").mkdir()
+    (userdir / "search_spaces" / "mine.yaml").write_text(MINE)
+    (userdir / "search_spaces" / "paper.yaml").write_text(MINE.replace("my lr range", "my paper"))
+    mine = spaces.load("mine")
+    assert mine.name == "mine" and mine.source == "search_spaces/mine.yaml" and mine.description == "my lr range"
+    assert spaces.load("paper").description == "my paper", "the local file shadows the shipped name"
+    assert spaces.load("default").source.endswith("allconv_cli/search_spaces/default.yaml"), "shipped ones still work"
+    assert spaces.load("search_spaces/mine.yaml").sha == mine.sha, "a path still works"
+    code, out, _ = run_cli("spaces", "show", "mine")
+    assert code == 0 and out.startswith("# search_spaces/mine.yaml\n") and "low: 0.02" in out
+
+
+def test_search_uses_the_local_space_and_checks_it_first(userdir: Path) -> None:
+    (userdir / "search_spaces").mkdir()
+    (userdir / "search_spaces" / "mine.yaml").write_text(BAD["misspelled_param"][0])
+    code, _, err = run_cli("search", "--dataset", "fake", "--space", "mine")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "space search_spaces/mine.yaml" in lines[0] and "dropout_hiden" in lines[0], err
+    assert sorted(p.name for p in userdir.iterdir()) == ["search_spaces"], "nothing created"
+
+
+def test_spaces_lists_local_and_shipped_and_notes_shadowing(userdir: Path) -> None:
+    code, out, _ = run_cli("spaces")
+    assert code == 0 and "where" in out and "local" not in out.replace("./search_spaces", "")
+    assert "allconv spaces copy NAME" in out, "says where one's own spaces go"
+    (userdir / "search_spaces").mkdir()
+    (userdir / "search_spaces" / "mine.yaml").write_text(MINE)
+    (userdir / "search_spaces" / "paper.yaml").write_text(MINE)
+    (userdir / "search_spaces" / "broken.yaml").write_text(BAD["bad_range"][0])
+    code, out, _ = run_cli("spaces")
+    assert code == 0, out
+    rows = {tuple(cell.strip() for cell in line.split("│")[1:3]) for line in out.splitlines() if "│" in line}
+    assert {("mine", "local"), ("paper", "local"), ("paper", "shipped (shadowed)"), ("default", "shipped"),
+            ("broken", "local")} <= rows
+    assert "note: search_spaces/paper.yaml shadows the shipped space paper: --space paper uses the local file" in out
+    assert len([line for line in out.splitlines() if line.startswith("note:")]) == 1, "only paper is shadowed"
+    assert "invalid:" in out, "a broken local file is listed with its reason"
+
+
+def test_copy_writes_a_shipped_space_and_never_overwrites_without_force(userdir: Path) -> None:
+    code, out, err = run_cli("spaces", "copy", "optimizer")
+    assert code == 0, err
+    target = userdir / "search_spaces" / "optimizer.yaml"
+    assert target.read_text() == Path(spaces.load("optimizer").source).read_text()
+    assert "search_spaces/optimizer.yaml" in out
+    assert spaces.load("optimizer").source == "search_spaces/optimizer.yaml", "--space optimizer now uses the copy"
+    target.write_text(MINE)
+    code, _, err = run_cli("spaces", "copy", "optimizer")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "search_spaces/optimizer.yaml already exists" in err and "--force" in err
+    assert target.read_text() == MINE, "left alone"
+    code, _, err = run_cli("spaces", "copy", "optimizer", "--force")
+    assert code == 0 and target.read_text() != MINE
+
+
+@pytest.mark.parametrize("name", ["optimiser", "my/space.yaml", "nothing"])
+def test_copy_of_an_unknown_name_is_one_line_and_creates_nothing(name: str, userdir: Path) -> None:
+    code, _, err = run_cli("spaces", "copy", name)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"no shipped search space {name!r}" in err and "bn-dropout, default, optimizer, paper" in err
+    if name == "optimiser":
+        assert "(did you mean optimizer?)" in err
+    assert not list(userdir.iterdir())
+
+
+def test_unknown_name_lists_local_and_shipped_spaces(userdir: Path) -> None:
+    (userdir / "search_spaces").mkdir()
+    (userdir / "search_spaces" / "mine.yaml").write_text(MINE)
+    with pytest.raises(SpaceError) as info:
+        spaces.load("mien")
+    message = str(info.value)
+    assert "unknown search space 'mien' (did you mean mine?)" in message
+    assert "in ./search_spaces: mine; shipped: bn-dropout, default, optimizer, paper" in message
+
+
+def test_console_script_in_a_fresh_folder(tmp_path: Path) -> None:
+    """The installed entry point, from another working directory: copy, then show what --space would load."""
+    code = "from allconv_cli.cli import main; main()"
+    run = [sys.executable, "-c", code]
+    copied = subprocess.run([*run, "spaces", "copy", "paper"], cwd=tmp_path, capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    shown = subprocess.run([*run, "spaces", "show", "paper"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("# search_spaces/paper.yaml\n"), shown.stderr
+    assert (tmp_path / "search_spaces" / "paper.yaml").is_file()

@@ -85,6 +85,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return cwd, json.loads(run.stdout)
 
 
+@pytest.mark.cifar
 def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
     cwd, out = real_run
     assert {"run_id", "status", "epochs", "val_accuracy", "test_accuracy", "images_per_second"} <= set(out)
@@ -110,6 +111,7 @@ def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
     assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
 
 
+@pytest.mark.cifar
 def test_logged_model_reloads_with_identical_predictions(real_run: tuple[Path, dict]) -> None:
     cwd, out = real_run
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
@@ -148,6 +150,7 @@ print(json.dumps({"accuracy": accuracy, "logged": run.data.metrics["test_accurac
 """
 
 
+@pytest.mark.cifar
 def test_logged_model_serves_raw_images(real_run: tuple[Path, dict]) -> None:
     """The run's ``model`` takes raw uint8 CIFAR images (the fitted GCN + ZCA travels with it): loaded in a fresh
     process, its accuracy on the run's real test images is the logged test accuracy; `mlflow models predict` works on
@@ -173,6 +176,7 @@ def test_logged_model_serves_raw_images(real_run: tuple[Path, dict]) -> None:
     assert predictions.shape == (3, 10) and np.allclose(predictions.sum(1), 1, atol=1e-4)
 
 
+@pytest.mark.cifar
 def test_runs_carry_mlflow_context_dataset_and_system_metrics(real_run: tuple[Path, dict]) -> None:
     cwd, out = real_run
     client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
@@ -191,6 +195,9 @@ def test_runs_carry_mlflow_context_dataset_and_system_metrics(real_run: tuple[Pa
     assert len(samples) >= 1 and "system/system_memory_usage_megabytes" in run.data.metrics
 
 
+
+
+@pytest.mark.cifar
 def test_resume_continues_the_same_run(real_run: tuple[Path, dict], tmp_path: Path) -> None:
     """--resume reads the run's config and last checkpoint and logs into the same run; a bad id is one line."""
     cwd, _ = real_run
@@ -210,6 +217,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
     env = clean_env()
     proc = subprocess.Popen(
@@ -247,6 +255,7 @@ def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
     assert "allconv train --resume" in stderr
 
 
+@pytest.mark.e2e
 def test_user_errors_are_one_line(tmp_path: Path) -> None:
     cases = [
         (["train", "--model", "D"], "'D'"),
@@ -265,6 +274,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a bad command
 
 
+@pytest.mark.e2e
 def test_bench_json() -> None:
     """In-process (CliRunner): the command is what is tested here, not a fresh interpreter's start-up."""
     from click.testing import CliRunner

@@ -36,6 +36,7 @@ def _hand_net() -> nn.Sequential:
 HAND = {"backprop": [-2.0, -2.0], "deconvnet": [1.0, 0.0], "guided": [1.0, 1.0]}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rule", saliency.RULES)
 def test_relu_rules_match_the_hand_computed_gradients(rule: str) -> None:
     net = _hand_net()
@@ -52,6 +53,7 @@ def test_relu_rules_match_the_hand_computed_gradients(rule: str) -> None:
     assert plain.tolist() == [HAND["backprop"]]
 
 
+@pytest.mark.unit
 def test_rules_on_a_network_restore_it_and_backprop_is_autograds_gradient() -> None:
     torch.manual_seed(0)
     model = models.build("A", "model", bn=True, init="kaiming").eval()
@@ -111,6 +113,7 @@ def _artifacts(cwd: Path, run_id: str) -> list[str]:
     return sorted(a.path for a in mlc.list_artifacts(run_id, "visualize"))
 
 
+@pytest.mark.e2e
 def test_visualize_writes_the_figure_and_logs_it(fake_run: tuple[Path, str]) -> None:
     """Both weight sources and both splits; each run also checks that the raw pictures it shows, preprocessed again,
     are the very inputs it analysed (visualize._check_raw_matches)."""
@@ -137,6 +140,7 @@ def test_visualize_writes_the_figure_and_logs_it(fake_run: tuple[Path, str]) -> 
     assert _artifacts(cwd, run_id) == ["visualize/pool.png", f"visualize/{png.name}"]
 
 
+@pytest.mark.e2e
 def test_visualize_bad_input_is_one_line_and_writes_nothing(fake_run: tuple[Path, str]) -> None:
     cwd, run_id = fake_run
     before = sorted(p.name for p in cwd.iterdir())

@@ -173,6 +173,7 @@ def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str,
                     "best_trial_test_error": paper.error_percent(test_acc)}
         tags = {f"{TAG}best_trial": str(best.number), f"{TAG}best_run_id": str(run_id),
                 **{f"best.{k}": str(v) for k, v in config.items()}}
+    tags["mlflow.note.content"] = describe_study(settings, c.finished, summary["best"])
     if parent:
         tracking.log_metrics(parent, metrics, step=c.finished)
         tracking.set_tags(parent, tags)
@@ -187,6 +188,26 @@ def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str,
                 console.print(f"note: {note}", highlight=False)
             tracking.retrying(tracking.client().log_artifacts, parent, str(folder), "summary")
     return summary
+
+
+def describe_study(settings: SearchSettings, finished: int, best: dict[str, Any] | None) -> str:
+    """The parent run's description (MLflow shows it on the run's page): what the study is, and how its best trial
+    compares with the paper's Table 3 error for the same network."""
+    cfg = TrainConfig(**settings.base_config)
+    space = settings.space()
+    lines = [f"Optuna study **{settings.study_name}** of {cfg.registry_name}: space `{space.name}` "
+             f"({space.description or space.source}), {finished} of {settings.trials} trials finished, "
+             f"{settings.pruner} pruner. Each trial is a child run; selection is on the validation split."]
+    entry = paper.TABLE3.get((cfg.model, cfg.branch))
+    if best is not None:
+        error = paper.error_percent(best.get("test_accuracy"))
+        line = f"Best trial {best['trial']}: validation accuracy {100 * best['val_accuracy']:.2f}%"
+        if error is not None:
+            line += f", its test error {error:.2f}% (recorded, never used to select)"
+        if entry is not None:
+            line += f"; the paper's {entry.display_name}: {entry.error:.2f}% (350 epochs, all 50,000 images)"
+        lines.append(line + ".")
+    return "\n\n".join(lines)
 
 
 def _plots(study: optuna.Study, folder: Path) -> list[str]:

@@ -11,12 +11,12 @@ Two kinds of trial, each against SQLite (one file: the one-host default) and Pos
   ``allconv search`` process per worker, as on separate hosts.
 
 Throughput is counted from the storage's own trial timestamps (first trial start to last trial end), so process
-start-up is not in it. PostgreSQL is a private cluster started by ``scripts/services.py`` (durable settings:
+start-up is not in it. PostgreSQL is a private cluster started by ``tests/services.py`` (durable settings:
 fsync on). Usage::
 
-    python scripts/bench_storage.py                                   # storage trials, 1/2/4/8 workers, both stores
-    python scripts/bench_storage.py --kind allconv --workers 8 --trials 24
-    python scripts/bench_storage.py --json results.json
+    python benchmarks/bench_storage.py                                   # storage trials, 1/2/4/8 workers, both stores
+    python benchmarks/bench_storage.py --kind allconv --workers 8 --trials 24
+    python benchmarks/bench_storage.py --json results.json
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import services  # scripts/services.py, next to this file
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import services  # noqa: E402  (tests/services.py: the processes the service tests start)
 
 
 def _storage_worker(url: str, study_name: str, seconds: float, epochs: int, heartbeat: int, start: mp.Event) -> None:
