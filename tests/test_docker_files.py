@@ -266,7 +266,7 @@ def test_compose_images_come_from_this_dockerfile(compose: dict) -> None:
 def test_compose_worker_command_parses_with_the_real_cli(compose: dict) -> None:
     args = compose["services"]["worker"]["command"]
     ctx = parse_allconv(args)
-    assert "@postgres:5432/" in ctx.params["storage"]
+    assert "@postgres:5432/" in ctx.params["storage_url"]
     help_text = search_command().get_help(click.Context(search_command(), info_name="search"))
     for arg in args:
         if arg.startswith("--"):

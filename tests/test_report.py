@@ -184,7 +184,7 @@ def test_rerun_command_rebuilds_the_selected_config(store: Path) -> None:
     assert args[:2] == ["allconv", "train"]
     ctx = train_command.make_context("train", args[2:])
     options = {k: v for k, v in ctx.params.items()
-               if k not in ("resume_run_id", "experiment", "run_name", "checkpoint_every", "as_json")}
+               if k not in ("resume_run_id", "experiment", "run_name", "checkpoint_every", "register", "as_json")}
     assert TrainConfig(**options) == _config("C", "allcnn", 0.1, "validated", epochs=2, subset=2000, test_size=1000)
 
 
