@@ -114,21 +114,47 @@ class AllConvNet(nn.Module):
     that follows it, as in the paper. All of them stay in ``layers``, so state-dict keys do not depend on the API.
     """
 
-    def __init__(self, layers: OrderedDict[str, nn.Module], name: str, num_classes: int, *, head_name: str,
-                 num_features: int, feature_info: list[dict[str, Any]], head_options: dict[str, bool],
-                 init: tuple[str, float], in_chans: int = 3, global_pool: str = "avg") -> None:
+    def __init__(self, layers: OrderedDict[str, nn.Module], name: str, num_classes: int, *,
+                 head_options: dict[str, bool], init: tuple[str, float], in_chans: int = 3,
+                 global_pool: str = "avg") -> None:
         super().__init__()
         self.layers = nn.Sequential(layers)
         self.name = name
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.num_features = self.head_hidden_size = num_features
-        self.feature_info = feature_info
         self.global_pool = global_pool
-        self.head_name = head_name
-        self._head_index = list(layers).index(head_name)
         self._head_options = head_options  # bn and relu of a new head (reset_classifier)
-        self._init = init  # (scheme, std) it is initialised with
+        self._init = init  # (scheme, std) the net is initialised with
+        self._read_layout()
+
+    def _read_layout(self) -> None:
+        """Find timm's pieces in ``layers``, from the modules themselves: the classifier (the layer before ``gap``),
+        the channels it sees, and the feature taps (each pooling stage's output, then the features)."""
+        names = [name for name, _ in self.layers.named_children()]
+        self._head_index = names.index("gap") - 1
+        self.head_name = names[self._head_index]
+        channels, reduction, last, info = self.in_chans, 1, "", []
+        for name, layer in list(self.layers.named_children())[: self._head_index]:
+            if isinstance(layer, ConvBlock):
+                channels, reduction, last = layer.conv.out_channels, reduction * layer.conv.stride[0], name
+            elif isinstance(layer, nn.MaxPool2d):
+                reduction, last = reduction * layer.stride, name
+            elif isinstance(layer, nn.Dropout) and last:  # the dropout after a pooling stage, not the input's
+                info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
+        info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
+        self.num_features = self.head_hidden_size = channels
+        self.feature_info = info
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Nets pickled before they spoke timm's API (models logged to MLflow by earlier versions) still load."""
+        super().__setstate__(state)
+        if "head_name" not in state:
+            head = self.layers[-2]
+            self.in_chans = self.layers.conv1.conv.in_channels
+            self.global_pool = "avg"
+            self._head_options = {"bn": isinstance(head.bn, nn.BatchNorm2d), "relu": isinstance(head.relu, nn.ReLU)}
+            self._init = ("xavier", 0.05)  # not recorded then; the default
+            self._read_layout()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The unpooled feature map the classifier sees: (N, num_features, 6, 6) for 32 x 32 inputs."""
@@ -153,6 +179,7 @@ class AllConvNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new, freshly initialised classifier for ``num_classes`` (0: none, ``forward`` returns the pooled
         features); ``global_pool`` ``avg`` or ``""`` (no pooling: ``forward`` returns maps)."""
+        _check_num_classes(num_classes)
         if global_pool is not None:
             self.layers.gap = _global_pool(global_pool)
             self.global_pool = global_pool
@@ -161,6 +188,11 @@ class AllConvNet(nn.Module):
         _init_weights(head, *self._init)
         setattr(self.layers, self.head_name, head.to(device=reference.device, dtype=reference.dtype))
         self.num_classes = num_classes
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 2 and num_classes != 0:
+        raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more (0 for no classifier)")
 
 
 def _global_pool(kind: str) -> nn.Module:
@@ -213,40 +245,29 @@ def build(
     for name, rate in (("dropout_input", dropout_input), ("dropout_hidden", dropout_hidden)):
         if not 0.0 <= rate < 1.0:
             raise AllconvError(f"{name}={rate} is out of range: use a probability in [0, 1)")
-    if num_classes < 2 and num_classes != 0:
-        raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more (0 for no classifier)")
-    head_options = {"bn": bn, "relu": head_relu}
+    _check_num_classes(num_classes)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     counts = {"conv": 0, "pool": 0, "dropout": 0}
-    channels, reduction, last = in_chans, 1, ""
-    feature_info: list[dict[str, Any]] = []  # timm's taps: each pooling stage's output, then the features
+    channels = in_chans
     for spec in layer_plan(base, branch):
-        if spec.kind == "conv" and spec.head:
-            counts["conv"] += 1
-            head_name, num_features = f"conv{counts['conv']}", channels
-            feature_info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
-            layers[head_name] = _classifier(channels, num_classes, **head_options)
-            continue
         if spec.kind == "conv":
             counts["conv"] += 1
-            last = f"conv{counts['conv']}"
-            layers[last] = ConvBlock(channels, spec.out, spec.kernel, spec.stride, spec.padded, bn, True)
-            channels, reduction = spec.out, reduction * spec.stride
+            name = f"conv{counts['conv']}"
+            if spec.head:
+                layers[name] = _classifier(channels, num_classes, bn=bn, relu=head_relu)
+            else:
+                layers[name] = ConvBlock(channels, spec.out, spec.kernel, spec.stride, spec.padded, bn, True)
+                channels = spec.out
         elif spec.kind == "pool":
             counts["pool"] += 1
-            last = f"pool{counts['pool']}"
-            layers[last] = nn.MaxPool2d(3, stride=2, padding=1)
-            reduction *= 2
+            layers[f"pool{counts['pool']}"] = nn.MaxPool2d(3, stride=2, padding=1)
         elif spec.kind == "dropout":
             rate = dropout_input if spec.dropout == "input" else dropout_hidden
             layers[f"drop{counts['dropout']}"] = nn.Dropout(rate)
             counts["dropout"] += 1
-            if spec.dropout == "hidden":
-                feature_info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
         else:
             layers["gap"] = _global_pool(global_pool)
-    model = AllConvNet(layers, registry_name(base, branch), num_classes, head_name=head_name,
-                       num_features=num_features, feature_info=feature_info, head_options=head_options,
+    model = AllConvNet(layers, registry_name(base, branch), num_classes, head_options={"bn": bn, "relu": head_relu},
                        init=(init, init_std), in_chans=in_chans, global_pool=global_pool)
     _init_weights(model, init, init_std)
     model.pretrained_cfg = model.default_cfg = pretrained_cfg_of(base, branch)

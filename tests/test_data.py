@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from allconv_cli.data import preprocess
 from allconv_cli.data import (
     AUGMENTATIONS,
     CIFAR10_CLASSES,
@@ -29,6 +28,7 @@ from allconv_cli.data import (
     load_raw,
     make_fake,
     pick_test_indices,
+    preprocess,
     preprocess_cache_dir,
     split_indices,
 )

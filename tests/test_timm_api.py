@@ -8,6 +8,8 @@ class count, ``forward_head(pre_logits=True)`` and the feature taps against ``fo
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import timm
 import torch
@@ -160,3 +162,21 @@ def test_build_and_timm_agree() -> None:
     assert built.feature_info == made.feature_info and built.num_features == made.num_features
     for key, value in built.pretrained_cfg.items():
         assert made.pretrained_cfg[key] == value, key
+
+
+def test_nets_pickled_before_the_timm_api_still_load() -> None:
+    """MLflow logged whole pickled nets before they had timm's attributes; unpickling works them out again."""
+    model = models.build("B", "allcnn", bn=True, head_relu=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    old = pickle.loads(pickle.dumps(model))
+    for attr in ("head_name", "_head_index", "num_features", "head_hidden_size", "feature_info", "in_chans",
+                 "global_pool", "_head_options", "_init"):
+        delattr(old, attr)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert torch.equal(loaded(x), expected)
+    assert (loaded.head_name, loaded.num_features, loaded.feature_info) == (
+        model.head_name, model.num_features, model.feature_info)
+    loaded.reset_classifier(3)
+    head = loaded.get_classifier()
+    assert isinstance(head.bn, nn.BatchNorm2d) and isinstance(head.relu, nn.Identity) and loaded(x).shape == (2, 3)
