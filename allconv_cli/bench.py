@@ -1,7 +1,8 @@
 """Throughput benchmark: the engine's real training step and evaluation on synthetic on-device data.
 
-It times :func:`allconv_cli.engine._train_epoch` itself (shuffle, slicing, augmentation, forward, backward,
-optimizer step), after a warm-up (cudnn autotuning, torch.compile), synchronising the device around the clock.
+It times :func:`allconv_cli.engine.train_epoch` itself (shuffle, slicing, augmentation, forward, backward,
+optimizer step) on the state :func:`allconv_cli.engine.setup` makes for training, after a warm-up (cudnn autotuning,
+torch.compile), synchronising the device around the clock.
 ``baseline`` times the loop most PyTorch code would write instead: a torchvision-style dataset of uint8 images
 through PIL with ``ToTensor``/``Normalize`` transforms, a ``DataLoader``, NCHW float32 — so the ratio says what the
 on-device pipeline and channels_last buy on this machine.
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from allconv_cli.config import TrainConfig
-from allconv_cli.data import Dataset, Split
-from allconv_cli.engine import Hooks, _train_epoch, build_model, evaluate, make_optimizer, resolve_device
+from allconv_cli.data import random_split
+from allconv_cli.engine import build_model, evaluate, resolve_device, setup, train_epoch
 
 
 @dataclass
@@ -54,13 +55,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _synthetic(n: int, device: torch.device, seed: int = 0) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return Split(x, y).to(device, channels_last=True)
-
-
 def bench(
     cfg: TrainConfig,
     *,
@@ -77,23 +71,15 @@ def bench(
     best round of each counts: on a shared machine, best-of-N is the figure least disturbed by other load.
     """
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(cfg, 10).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model, device)
-    step_model = torch.compile(model) if cfg.compile else model
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    state = setup(cfg, 10, device)
 
     def run(n_steps: int) -> float:
-        train = _synthetic(n_steps * cfg.batch_size, device)
-        data = Dataset(
-            train=train, val=None, test=train, num_classes=10, classes=[str(i) for i in range(10)], fingerprint="bench"
-        )
+        train = random_split(n_steps * cfg.batch_size, device)
         _sync(device)
         start = time.perf_counter()
-        _train_epoch(cfg, step_model, optimizer, data, device, generator, 1, Hooks())
+        train_epoch(state, train, 1)
         _sync(device)
         return time.perf_counter() - start
 
@@ -103,11 +89,11 @@ def bench(
         seconds = min(seconds, run(steps))
         if baseline:
             baseline_ips = max(baseline_ips, baseline_loop(cfg, steps=steps, warmup=warmup, workers=baseline_workers))
-    test = _synthetic(eval_images, device, seed=1)
-    evaluate(model, test, amp=cfg.amp)  # warm-up of the eval shapes
+    test = random_split(eval_images, device, seed=1)
+    evaluate(state.model, test, amp=cfg.amp)  # warm-up of the eval shapes
     _sync(device)
     start = time.perf_counter()
-    evaluate(model, test, amp=cfg.amp)
+    evaluate(state.model, test, amp=cfg.amp)
     _sync(device)
     eval_seconds = time.perf_counter() - start
     result = BenchResult(

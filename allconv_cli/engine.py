@@ -9,7 +9,6 @@ device (no DataLoader), so on a GPU a step is pure device work; bf16 autocast an
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -22,16 +21,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli import models
+from allconv_cli.checkpoints import CheckpointError, checkpoint_of, load_checkpoint, restore, save_checkpoint
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, Split, augment_batch, iterate_batches
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import error_percent
 
-CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(AllconvError):
-    """A checkpoint that cannot be read back (truncated, corrupted, or from another format)."""
+__all__ = [
+    "CheckpointError",
+    "EpochMetrics",
+    "HookList",
+    "Hooks",
+    "TrainResult",
+    "TrainState",
+    "build_model",
+    "evaluate",
+    "load_checkpoint",
+    "make_optimizer",
+    "output_is_constant",
+    "resolve_device",
+    "setup",
+    "train",
+    "train_epoch",
+]
 
 
 @dataclass
@@ -210,26 +222,42 @@ def output_is_constant(model: nn.Module, split: Split, n: int = 256) -> bool:
     return bool((logits - logits[:1]).abs().max() <= 1e-6 * (1 + logits.abs().max()))
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename): a crash mid-write never leaves a half checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class TrainState:
+    """What a run carries from epoch to epoch, made by :func:`setup`; :mod:`~allconv_cli.checkpoints` stores it."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model: models.AllConvNet
+    step_model: nn.Module  # what the steps call: ``torch.compile(model)`` when cfg.compile, else ``model`` itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # shuffling and augmentation, on ``device``
+    epoch: int = 0  # epochs completed
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    constant_epochs: int = 0  # epochs in a row with the same output for every input (see output_is_constant)
 
 
-def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint, turning any corruption into a :class:`CheckpointError` that names the file."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint {path} does not exist: start without --resume") from exc
-    except Exception as exc:  # zip/unpickling errors come in many types
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted or unreadable ({type(exc).__name__}): delete it or start from scratch"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not an allconv checkpoint (format {CHECKPOINT_FORMAT})")
+def setup(cfg: TrainConfig, num_classes: int, device: torch.device, *, resume_from: Path | None = None) -> TrainState:
+    """Seed, build the model on ``device`` (channels_last), its optimizer, lr schedule and batch-order generator;
+    restore ``resume_from`` if given; compile last. Training and the benchmark start from the same state."""
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg, num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model, device)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    state = TrainState(cfg, device, model, model, optimizer, scheduler, generator)
+    if resume_from is not None:
+        restore(state, load_checkpoint(resume_from, map_location=device))
+    if cfg.compile:
+        state.step_model = torch.compile(model, mode=cfg.compile_mode)
     return state
 
 
@@ -249,83 +277,42 @@ def train(
     """
     hooks = hooks or Hooks()
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg, data.num_classes).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model, device)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
-    start_epoch, best_acc, best_epoch, history, constant_epochs = 0, None, None, [], 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if state.get("device_type") == device.type:
-            generator.set_state(state["generator"].cpu())
-        else:  # another device type: shuffles differ from here on, everything else is exact
-            generator.manual_seed(cfg.seed + state["epoch"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        start_epoch, best_acc, best_epoch = state["epoch"], state["best_val_accuracy"], state["best_epoch"]
-        history = list(state["history"])
-        constant_epochs = state.get("constant_epochs", 0)
-    step_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    hooks.on_start(cfg, model, start_epoch)
+    state = setup(cfg, data.num_classes, device, resume_from=resume_from)
+    model = state.model
+    hooks.on_start(cfg, model, state.epoch)
 
-    status, reason, epoch = "finished", "", start_epoch
+    status, reason, epoch = "finished", "", state.epoch
     try:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            metrics = _train_epoch(cfg, step_model, optimizer, data, device, generator, epoch, hooks)
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            metrics = train_epoch(state, data.train, epoch, hooks)
             if not math.isfinite(metrics.train_loss):
                 status, reason = "diverged", f"training loss became {metrics.train_loss} in epoch {epoch}"
                 epoch -= 1
                 break
-            scheduler.step()
-            constant_epochs = constant_epochs + 1 if output_is_constant(model, data.val or data.train) else 0
+            state.scheduler.step()
+            constant = output_is_constant(model, data.val or data.train)
+            state.constant_epochs = state.constant_epochs + 1 if constant else 0
             if data.val is not None:
                 metrics.val_loss, metrics.val_accuracy = evaluate(model, data.val, amp=cfg.amp)
             if cfg.test_every and epoch % cfg.test_every == 0:
                 metrics.test_loss, metrics.test_accuracy = evaluate(model, data.test, amp=cfg.amp)
-            history.append(metrics.as_dict())
-            improved = metrics.val_accuracy is not None and (best_acc is None or metrics.val_accuracy > best_acc)
+            state.history.append(metrics.as_dict())
+            best = state.best_val_accuracy
+            improved = metrics.val_accuracy is not None and (best is None or metrics.val_accuracy > best)
             if improved:
-                best_acc, best_epoch = metrics.val_accuracy, epoch
+                state.best_val_accuracy, state.best_epoch = metrics.val_accuracy, epoch
+            state.epoch = epoch
             hooks.on_epoch_end(metrics)
             last = checkpoint_dir / "last.pt"
-            save_checkpoint(
-                last,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch,
-                    "config": cfg.to_dict(),
-                    "device_type": device.type,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "best_val_accuracy": best_acc,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "data_fingerprint": data.fingerprint,
-                    "constant_epochs": constant_epochs,
-                },
-            )
+            save_checkpoint(last, checkpoint_of(state, data.fingerprint))
             hooks.on_checkpoint(last, "last", epoch)
             if improved:
                 shutil.copyfile(last, checkpoint_dir / "best.pt")
                 hooks.on_checkpoint(checkpoint_dir / "best.pt", "best", epoch)
-            if cfg.collapse_patience and constant_epochs >= cfg.collapse_patience:
+            if cfg.collapse_patience and state.constant_epochs >= cfg.collapse_patience:
                 status = "collapsed"
                 reason = (
-                    f"the network's output has been the same for every input for {constant_epochs} epochs "
+                    f"the network's output has been the same for every input for {state.constant_epochs} epochs "
                     f"(dead ReLUs; it cannot recover), stopped after epoch {epoch}"
                 )
                 break
@@ -337,14 +324,15 @@ def train(
         status, reason = "interrupted", f"interrupted during epoch {epoch}; the last checkpoint holds epoch {epoch - 1}"
         epoch -= 1
 
+    history = state.history
     result = TrainResult(
         status=status,
         reason=reason,
         epochs_completed=epoch,
         model=model,
         history=history,
-        best_val_accuracy=best_acc,
-        best_epoch=best_epoch,
+        best_val_accuracy=state.best_val_accuracy,
+        best_epoch=state.best_epoch,
     )
     if history:
         result.val_accuracy = history[-1].get("val_accuracy")
@@ -357,28 +345,24 @@ def train(
     return result
 
 
-def _train_epoch(
-    cfg: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: Dataset,
-    device: torch.device,
-    generator: torch.Generator,
-    epoch: int,
-    hooks: Hooks,
-) -> EpochMetrics:
+def train_epoch(state: TrainState, split: Split, epoch: int, hooks: Hooks | None = None) -> EpochMetrics:
+    """One pass over ``split`` (on ``state.device``) in shuffled batches of ``cfg.batch_size``, dropping the last
+    partial batch when there is more than one: augmentation, forward, loss, backward, optimizer step. The lr
+    schedule is the caller's (``state.scheduler.step()`` after the epoch)."""
+    hooks = hooks or Hooks()
+    cfg, model, optimizer, device = state.cfg, state.step_model, state.optimizer, state.device
     model.train()
     lr = optimizer.param_groups[0]["lr"]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    drop_last = len(data.train) > cfg.batch_size
-    total = len(data.train) // cfg.batch_size * cfg.batch_size if drop_last else len(data.train)
+    drop_last = len(split) > cfg.batch_size
+    total = len(split) // cfg.batch_size * cfg.batch_size if drop_last else len(split)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for x, y in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last):
-        x = augment_batch(x, cfg.augment, generator).contiguous(memory_format=torch.channels_last)
+    for x, y in iterate_batches(split, cfg.batch_size, shuffle=True, generator=state.generator, drop_last=drop_last):
+        x = augment_batch(x, cfg.augment, state.generator).contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)

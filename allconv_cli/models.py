@@ -3,7 +3,9 @@
 Tables 1 and 2 of the paper describe three base networks (A, B, C) and four ways of treating their two pooling
 layers (the "branches"). ``BASE_LAYERS`` holds the bases as layer tokens, ``layer_plan`` applies a branch to a base, and
 ``build`` turns the plan into modules: every layer is its own module object, so no weights are shared by accident
-(one of the 2020 reproduction's bugs).
+(one of the 2020 reproduction's bugs). The nets speak timm's model API (forward_features/forward_head,
+reset_classifier, feature_info, pretrained_cfg), so ``timm.create_model("allconv_c_allcnn")`` gives what timm users
+expect; timm itself is imported only by :func:`register_timm`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -104,17 +107,103 @@ class GlobalAvgPool(nn.Module):
 
 
 class AllConvNet(nn.Module):
-    """One of the twelve networks; built by :func:`build`, layers named conv1, pool1, drop1, ... in order."""
+    """One of the twelve networks; built by :func:`build`, layers named conv1, pool1, drop1, ... in order.
 
-    def __init__(self, layers: OrderedDict[str, nn.Module], name: str, num_classes: int) -> None:
+    In timm's terms the features are everything before the last conv (192 x 6 x 6 for a 32 x 32 input), the
+    classifier is that 1x1 conv to the classes (with its optional BN and ReLU), and the pooling is the global average
+    that follows it, as in the paper. All of them stay in ``layers``, so state-dict keys do not depend on the API.
+    """
+
+    def __init__(self, layers: OrderedDict[str, nn.Module], name: str, num_classes: int, *,
+                 head_options: dict[str, bool], init: tuple[str, float], in_chans: int = 3,
+                 global_pool: str = "avg") -> None:
         super().__init__()
         self.layers = nn.Sequential(layers)
         self.name = name
         self.num_classes = num_classes
-        self.default_cfg = self.pretrained_cfg = {"input_size": (3, 32, 32), "num_classes": num_classes}
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self._head_options = head_options  # bn and relu of a new head (reset_classifier)
+        self._init = init  # (scheme, std) the net is initialised with
+        self._read_layout()
+
+    def _read_layout(self) -> None:
+        """Find timm's pieces in ``layers``, from the modules themselves: the classifier (the layer before ``gap``),
+        the channels it sees, and the feature taps (each pooling stage's output, then the features)."""
+        names = [name for name, _ in self.layers.named_children()]
+        self._head_index = names.index("gap") - 1
+        self.head_name = names[self._head_index]
+        channels, reduction, last, info = self.in_chans, 1, "", []
+        for name, layer in list(self.layers.named_children())[: self._head_index]:
+            if isinstance(layer, ConvBlock):
+                channels, reduction, last = layer.conv.out_channels, reduction * layer.conv.stride[0], name
+            elif isinstance(layer, nn.MaxPool2d):
+                reduction, last = reduction * layer.stride, name
+            elif isinstance(layer, nn.Dropout) and last:  # the dropout after a pooling stage, not the input's
+                info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
+        info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
+        self.num_features = self.head_hidden_size = channels
+        self.feature_info = info
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Nets pickled before they spoke timm's API (models logged to MLflow by earlier versions) still load."""
+        super().__setstate__(state)
+        if "head_name" not in state:
+            head = self.layers[-2]
+            self.in_chans = self.layers.conv1.conv.in_channels
+            self.global_pool = "avg"
+            self._head_options = {"bn": isinstance(head.bn, nn.BatchNorm2d), "relu": isinstance(head.relu, nn.ReLU)}
+            self._init = ("xavier", 0.05)  # not recorded then; the default
+            self._read_layout()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled feature map the classifier sees: (N, num_features, 6, 6) for 32 x 32 inputs."""
+        for index, layer in enumerate(self.layers):
+            if index == self._head_index:
+                break
+            x = layer(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Classifier then global average (the paper's order); ``pre_logits``: the pooled features instead."""
+        if pre_logits:
+            return self.layers.gap(x)
+        return self.layers.gap(self.get_classifier()(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self.layers, self.head_name)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: none, ``forward`` returns the pooled
+        features); ``global_pool`` ``avg`` or ``""`` (no pooling: ``forward`` returns maps)."""
+        _check_num_classes(num_classes)
+        if global_pool is not None:
+            self.layers.gap = _global_pool(global_pool)
+            self.global_pool = global_pool
+        reference = next(self.parameters())
+        head = _classifier(self.num_features, num_classes, **self._head_options)
+        _init_weights(head, *self._init)
+        setattr(self.layers, self.head_name, head.to(device=reference.device, dtype=reference.dtype))
+        self.num_classes = num_classes
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 2 and num_classes != 0:
+        raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more (0 for no classifier)")
+
+
+def _global_pool(kind: str) -> nn.Module:
+    if kind not in ("avg", ""):
+        raise AllconvError(f"global_pool={kind!r}: use 'avg' (the paper's global average) or '' (no pooling)")
+    return GlobalAvgPool() if kind == "avg" else nn.Identity()
+
+
+def _classifier(cin: int, num_classes: int, *, bn: bool, relu: bool) -> nn.Module:
+    """The 1x1 conv to the classes, or ``nn.Identity`` for ``num_classes`` 0."""
+    return ConvBlock(cin, num_classes, 1, 1, True, bn, relu) if num_classes else nn.Identity()
 
 
 def _init_weights(model: nn.Module, init: str, std: float) -> None:
@@ -147,23 +236,28 @@ def build(
     init_std: float = 0.05,
     head_relu: bool = True,
     in_chans: int = 3,
+    global_pool: str = "avg",
 ) -> AllConvNet:
-    """Build network ``base``/``branch``; defaults are the paper's (dropout 20% input, 50% after each pooling stage)."""
+    """Build network ``base``/``branch``; defaults are the paper's (dropout 20% input, 50% after each pooling stage).
+
+    ``num_classes`` 0 leaves out the classifier (timm's convention: the net then returns its pooled features).
+    """
     for name, rate in (("dropout_input", dropout_input), ("dropout_hidden", dropout_hidden)):
         if not 0.0 <= rate < 1.0:
             raise AllconvError(f"{name}={rate} is out of range: use a probability in [0, 1)")
-    if num_classes < 2:
-        raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more")
+    _check_num_classes(num_classes)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     counts = {"conv": 0, "pool": 0, "dropout": 0}
     channels = in_chans
     for spec in layer_plan(base, branch):
         if spec.kind == "conv":
-            out = spec.out or num_classes
             counts["conv"] += 1
-            relu = head_relu or not spec.head
-            layers[f"conv{counts['conv']}"] = ConvBlock(channels, out, spec.kernel, spec.stride, spec.padded, bn, relu)
-            channels = out
+            name = f"conv{counts['conv']}"
+            if spec.head:
+                layers[name] = _classifier(channels, num_classes, bn=bn, relu=head_relu)
+            else:
+                layers[name] = ConvBlock(channels, spec.out, spec.kernel, spec.stride, spec.padded, bn, True)
+                channels = spec.out
         elif spec.kind == "pool":
             counts["pool"] += 1
             layers[f"pool{counts['pool']}"] = nn.MaxPool2d(3, stride=2, padding=1)
@@ -172,9 +266,11 @@ def build(
             layers[f"drop{counts['dropout']}"] = nn.Dropout(rate)
             counts["dropout"] += 1
         else:
-            layers["gap"] = GlobalAvgPool()
-    model = AllConvNet(layers, registry_name(base, branch), num_classes)
+            layers["gap"] = _global_pool(global_pool)
+    model = AllConvNet(layers, registry_name(base, branch), num_classes, head_options={"bn": bn, "relu": head_relu},
+                       init=(init, init_std), in_chans=in_chans, global_pool=global_pool)
     _init_weights(model, init, init_std)
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg_of(base, branch)
     return model
 
 
@@ -229,31 +325,71 @@ def summary(
     return rows
 
 
-_TIMM_KWARGS = {"num_classes", "bn", "dropout_input", "dropout_hidden", "init", "init_std", "head_relu", "in_chans"}
+def pretrained_cfg_of(base: str, branch: str) -> dict[str, Any]:
+    """timm's pretrained config of network ``base``/``branch``: input, feature-map size and layer names (no weights).
+
+    timm's transforms can only normalise per channel, and the nets train on allconv's GCN + ZCA inputs
+    (:mod:`allconv_cli.data.preprocess`), which no mean/std expresses: mean 0 and std 1 keep pixels on the 0..1 scale
+    of ``--preprocess none``.
+    """
+    head = sum(spec.kind == "conv" for spec in layer_plan(base, branch))  # the classifier is the last conv
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (6, 6),
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+        "first_conv": "layers.conv1.conv",
+        "classifier": f"layers.conv{head}.conv",
+        "description": f"{TABLE3[(base, branch)].display_name} (Springenberg et al. 2015), untrained",
+        "paper_name": "Striving for Simplicity: The All Convolutional Net",
+        "paper_ids": "arXiv:1412.6806",
+    }
+
+
+# The nets' pretrained cfgs in timm's form; register_timm fills it and timm's register_model reads it from this module.
+default_cfgs: dict[str, Any] = {}
 _registered = False
 
 
+def _build_for_timm(base: str, branch: str, *, drop_rate: float | None = None, **kwargs: Any) -> AllConvNet:
+    """:func:`build` with timm's generic ``drop_rate`` as the dropout after the pooling stages."""
+    if drop_rate is not None:
+        kwargs.setdefault("dropout_hidden", drop_rate)
+    return build(base, branch, **kwargs)
+
+
 def _entrypoint(base: str, branch: str) -> Callable[..., AllConvNet]:
+    name = registry_name(base, branch)
+
     def create(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
         if pretrained:
             raise ValueError("allconv networks have no pretrained weights: train one with `allconv train`")
-        if "drop_rate" in kwargs and kwargs["drop_rate"] is not None:  # timm's generic dropout argument
-            kwargs.setdefault("dropout_hidden", kwargs["drop_rate"])
-        return build(base, branch, **{k: v for k, v in kwargs.items() if k in _TIMM_KWARGS})
+        from timm.models import build_model_with_cfg
 
-    create.__name__ = create.__qualname__ = registry_name(base, branch)
+        # the pooling stages' outputs and the final features; flatten_sequential reaches into ``layers``
+        feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2)}
+        return build_model_with_cfg(partial(_build_for_timm, base, branch), name, pretrained,
+                                    feature_cfg=feature_cfg, **kwargs)
+
+    create.__name__ = create.__qualname__ = name
     create.__module__ = __name__
     create.__doc__ = f"{TABLE3[(base, branch)].display_name} from Springenberg et al. 2015 (arXiv:1412.6806)."
     return create
 
 
 def register_timm() -> None:
-    """Make ``timm.create_model("allconv_c_allcnn", num_classes=100)`` work. Idempotent."""
-    global _registered
+    """Make ``timm.create_model("allconv_c_allcnn", num_classes=100)`` work, with the nets' pretrained cfgs in timm's
+    registry. Idempotent."""
+    global _registered, default_cfgs
     if _registered:
         return
-    from timm.models import register_model
+    from timm.models import generate_default_cfgs, register_model
 
+    default_cfgs = generate_default_cfgs({name: pretrained_cfg_of(b, br) for (b, br), name in ARCHITECTURES.items()})
     for base, branch in ARCHITECTURES:
         fn = _entrypoint(base, branch)
         globals()[fn.__name__] = register_model(fn)

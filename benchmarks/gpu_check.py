@@ -23,7 +23,7 @@ import torch
 
 from allconv_cli.bench import bench
 from allconv_cli.config import TrainConfig
-from allconv_cli.data import load_dataset
+from allconv_cli.data import load_onto
 from allconv_cli.engine import EpochMetrics, Hooks, resolve_device, train
 
 START = time.perf_counter()
@@ -94,7 +94,7 @@ def smoke(device: str, quick: bool) -> dict:
         augment="flip-translate",
         device=device,
     )
-    data = load_dataset(cfg.data_config()).to(resolve_device(device), channels_last=True)
+    data = load_onto(cfg.data_config(), resolve_device(device))
     with tempfile.TemporaryDirectory() as d:
         first = train(cfg, data, device=resolve_device(device), checkpoint_dir=Path(d))
         more = TrainConfig(**{**cfg.to_dict(), "epochs": 3, "milestones": None})
@@ -154,7 +154,7 @@ def real(device: str, data_dir: str, budget: float, quick: bool, compile_mode: s
         bn=bn,
         head_relu=head_relu,
     )
-    data = load_dataset(base.data_config(), device=dev).to(dev, channels_last=True)
+    data = load_onto(base.data_config(), dev)
     load_s = time.perf_counter() - t0
     probe = train(
         TrainConfig(**{**base.to_dict(), "epochs": 1}), data, device=dev, checkpoint_dir=Path(tempfile.mkdtemp())
@@ -183,7 +183,7 @@ def real(device: str, data_dir: str, budget: float, quick: bool, compile_mode: s
         "val_accuracy": result.val_accuracy,
         "best_val_accuracy": result.best_val_accuracy,
         "test_accuracy": result.test_accuracy,
-        "test_error_pct": None if result.test_accuracy is None else round(100 * (1 - result.test_accuracy), 2),
+        "test_error_pct": None if result.test_error is None else round(result.test_error, 2),
         "images_per_second": result.images_per_second,
         "seconds": result.seconds,
         "load_seconds": load_s,

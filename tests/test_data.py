@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from allconv_cli import data
 from allconv_cli.data import (
     AUGMENTATIONS,
     CIFAR10_CLASSES,
@@ -29,6 +28,7 @@ from allconv_cli.data import (
     load_raw,
     make_fake,
     pick_test_indices,
+    preprocess,
     preprocess_cache_dir,
     split_indices,
 )
@@ -288,15 +288,15 @@ def test_cache_rejects_torn_or_foreign_files(real: Dataset, zca_cache: Path, tmp
     (path,) = (zca_cache / "preprocess").iterdir()
     key = path.stem.removeprefix("gcn-zca-")
     eps = real.preprocessor.epsilon
-    loaded = data._load_cached(path, key, eps)
+    loaded = preprocess.load_cached(path, key, eps)
     assert loaded is not None and torch.equal(loaded.whitening, real.preprocessor.whitening)
-    assert data._load_cached(path, "0" * 32, eps) is None
+    assert preprocess.load_cached(path, "0" * 32, eps) is None
     torn = tmp_path / path.name
     torn.write_bytes(path.read_bytes()[: 1 << 20])
-    assert data._load_cached(torn, key, eps) is None
-    data._save_cached(torn, key, loaded)  # atomic rewrite over the torn file
+    assert preprocess.load_cached(torn, key, eps) is None
+    preprocess.save_cached(torn, key, loaded)  # atomic rewrite over the torn file
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left behind
-    assert torch.equal(data._load_cached(torn, key, eps).mean, real.preprocessor.mean)
+    assert torch.equal(preprocess.load_cached(torn, key, eps).mean, real.preprocessor.mean)
 
 
 # ---------------------------------------------------------------------------------------------------------- fake data

@@ -359,15 +359,15 @@ def test_ctrl_c_fails_the_trial_and_the_same_command_resumes_it(workdir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from allconv_cli import engine
 
-    real_epoch = engine._train_epoch
+    real_epoch = engine.train_epoch
 
     def interrupted_in_epoch_2(*args, **kwargs):  # what Ctrl-C does inside the training loop
-        if args[6] == 2:
+        if args[2] == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
     args = ["search", *TINY, "--bn", "--epochs", "2", "--space", "tiny.yaml", "--trials", "1", "--study-name", "cc"]
-    monkeypatch.setattr(engine, "_train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(engine, "train_epoch", interrupted_in_epoch_2)
     code, out, err = cli(*args)
     assert code == 130, out + err
     assert "Rerun the same command to resume" in out
@@ -379,7 +379,7 @@ def test_ctrl_c_fails_the_trial_and_the_same_command_resumes_it(workdir: Path,
     parent, _ = mlflow_runs(workdir, "cc")
     assert parent.info.status == "KILLED" and parent.data.tags["allconv.study_state"] == "interrupted"
 
-    monkeypatch.setattr(engine, "_train_epoch", real_epoch)
+    monkeypatch.setattr(engine, "train_epoch", real_epoch)
     code, out, err = cli(*args)
     assert code == 0, out + err
     study = load(workdir, "cc")

@@ -7,18 +7,19 @@ import json
 import click
 
 from allconv_cli.cli import main
-from allconv_cli.cli.options import network_options
+from allconv_cli.cli.options import field_option, network_options
 
 
 @main.command("bench")
 @network_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@field_option("batch_size")
 @click.option("--steps", type=click.IntRange(min=1), help="Timed training steps [default: 200 on GPU, 20 on CPU].")
 @click.option("--warmup", type=click.IntRange(min=1), help="Untimed steps first [default: 30 on GPU, 3 on CPU].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--compile/--no-compile", default=False, show_default=True)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (CUDA only).")
-@click.option("--bn/--no-bn", default=False, show_default=True)
+@field_option("device")
+@field_option("compile")
+@field_option("compile_mode")
+@field_option("amp")
+@field_option("bn")
 @click.option("--baseline", is_flag=True, help="Also time a plain DataLoader + NCHW loop and print the ratio.")
 @click.option(
     "--baseline-workers",
@@ -43,6 +44,7 @@ def bench_command(
     warmup: int | None,
     device: str,
     compile: bool,
+    compile_mode: str,
     amp: bool,
     bn: bool,
     baseline: bool,
@@ -59,7 +61,8 @@ def bench_command(
     from allconv_cli.engine import resolve_device
 
     on_gpu = resolve_device(device).type == "cuda"
-    cfg = TrainConfig(model=model, branch=branch, batch_size=batch_size, device=device, compile=compile, amp=amp, bn=bn)
+    cfg = TrainConfig(model=model, branch=branch, batch_size=batch_size, device=device, compile=compile,
+                      compile_mode=compile_mode, amp=amp, bn=bn)
     result = bench(
         cfg,
         steps=steps or (200 if on_gpu else 20),
@@ -71,14 +74,14 @@ def bench_command(
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return
-    table = Table(title=f"allconv bench: {cfg.registry_name}, batch {batch_size}", show_header=False)
+    table = Table(title=f"allconv bench: {cfg.registry_name}, batch {cfg.batch_size}", show_header=False)
     rows = [
         ("device", result.device),
         ("train images/s", f"{result.train_images_per_second:,.0f}"),
         ("ms per step", f"{result.ms_per_step:.2f}"),
         ("eval images/s", f"{result.eval_images_per_second:,.0f}"),
         ("peak memory", f"{result.peak_memory_mb:,.0f} MB"),
-        ("compile / bf16", f"{result.compile} / {result.amp}"),
+        ("compile / bf16", f"{cfg.compile_mode if result.compile else False} / {result.amp}"),
     ]
     if result.baseline_images_per_second is not None:
         rows += [

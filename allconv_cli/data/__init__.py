@@ -1,0 +1,173 @@
+"""Datasets as train/val/test tensors on the training device, and the one function that puts them there.
+
+CIFAR is tiny (60,000 x 3 x 32 x 32 float32 = 737 MB), so every split lives on the device as one tensor and a batch
+is an index into it (:mod:`.batches`). Raw arrays come from :mod:`.sources` (or :mod:`.fake`), the splits from
+:mod:`.splits`, the paper's GCN + ZCA preprocessing from :mod:`.preprocess`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from allconv_cli.config import AUGMENTATIONS, DATASETS, PREPROCESSINGS
+from allconv_cli.data.batches import augment_batch, iterate_batches
+from allconv_cli.data.choices import check_choice
+from allconv_cli.data.fake import make_fake
+from allconv_cli.data.preprocess import (
+    DEFAULT_ZCA_EPSILON,
+    PREPROCESS_VERSION,
+    Preprocessor,
+    fit_preprocessor,
+    preprocess_cache_dir,
+)
+from allconv_cli.data.sources import CIFAR10_CLASSES, NUM_CLASSES, load_raw, resolve_data_dir
+from allconv_cli.data.splits import pick_test_indices, split_indices
+
+__all__ = [
+    "AUGMENTATIONS",
+    "CIFAR10_CLASSES",
+    "DATASETS",
+    "NUM_CLASSES",
+    "PREPROCESSINGS",
+    "DataConfig",
+    "Dataset",
+    "Preprocessor",
+    "Split",
+    "augment_batch",
+    "iterate_batches",
+    "load_dataset",
+    "load_onto",
+    "load_raw",
+    "make_fake",
+    "pick_test_indices",
+    "preprocess_cache_dir",
+    "random_split",
+    "resolve_data_dir",
+    "split_indices",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything that decides which images, in which split, preprocessed how (plus where to find and cache them)."""
+
+    dataset: str = "cifar10"  # "cifar10" | "cifar100" | "fake"
+    data_dir: str | None = None  # None -> env ALLCONV_DATA_DIR, else ~/.cache/allconv/data (torchvision download cache)
+    subset: int | None = None  # stratified N-image part of the training part, for quick runs
+    val_size: int = 5000  # held-out validation split from the training set (0 = no validation split)
+    test_size: int | None = None  # stratified N-image part of the test set, for quick runs (None: all of it)
+    preprocess: str = "gcn-zca"  # "gcn-zca" | "standardize" | "none"
+    seed: int = 0
+    fake_train_size: int = 10000  # sizes of the synthetic dataset (room for the default 5,000-image val split)
+    fake_test_size: int = 1000
+    zca_epsilon: float = DEFAULT_ZCA_EPSILON
+    download: bool = True
+    cache_dir: str | None = None  # None -> env ALLCONV_CACHE_DIR, else ~/.cache/allconv; files go to <dir>/preprocess
+    use_cache: bool = True  # reuse/store the fitted gcn-zca transform on disk
+
+
+@dataclass
+class Split:
+    """One split as two tensors: inputs float32 (N, 3, 32, 32) and labels int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> Split:
+        """The whole split on ``device`` as one tensor each (channels_last memory if asked, as the convs prefer)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return Split(self.x.to(device=device, memory_format=fmt), self.y.to(device))
+
+
+@dataclass
+class Dataset:
+    """Train/val/test splits ready for the network, plus what the run should record about them."""
+
+    train: Split
+    val: Split | None
+    test: Split
+    num_classes: int
+    classes: list[str]
+    fingerprint: str  # short content hash of the raw arrays + the DataConfig fields that change the data
+    preprocessor: Preprocessor | None = None  # the fitted transform, to preprocess new images the same way
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> Dataset:
+        """Every split on ``device`` once, before training, so no batch ever crosses the bus."""
+        return Dataset(
+            train=self.train.to(device, channels_last),
+            val=self.val.to(device, channels_last) if self.val is not None else None,
+            test=self.test.to(device, channels_last),
+            num_classes=self.num_classes,
+            classes=list(self.classes),
+            fingerprint=self.fingerprint,
+            preprocessor=self.preprocessor,
+        )
+
+
+def _fingerprint(cfg: DataConfig, arrays: tuple[np.ndarray, ...]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    fields = {"dataset": cfg.dataset, "subset": cfg.subset, "val_size": cfg.val_size, "preprocess": cfg.preprocess,
+              "seed": cfg.seed, "version": PREPROCESS_VERSION}
+    if cfg.preprocess == "gcn-zca":
+        fields["zca_epsilon"] = cfg.zca_epsilon
+    if cfg.dataset == "fake":
+        fields["fake"] = (cfg.fake_train_size, cfg.fake_test_size)
+    if cfg.test_size is not None:  # only when set, so runs on the whole test set keep their earlier fingerprints
+        fields["test_size"] = cfg.test_size
+    h.update(repr(sorted(fields.items())).encode())
+    return h.hexdigest()[:12]
+
+
+def load_dataset(cfg: DataConfig, device: torch.device | str | None = None) -> Dataset:
+    """Load, split and preprocess; returns CPU tensors (move them once with :meth:`Dataset.to`).
+
+    ``device`` only says where to run the preprocessing maths (a GPU fits and applies ZCA in well under a second);
+    the results are the same up to float rounding and come back to the CPU either way.
+    """
+    check_choice("dataset", cfg.dataset, DATASETS, "--dataset")
+    check_choice("preprocess", cfg.preprocess, PREPROCESSINGS, "--preprocess")
+    x_train, y_train, x_test, y_test, classes = load_raw(cfg)
+    fit_idx, train_idx, val_idx = split_indices(y_train, cfg.val_size, cfg.subset, cfg.seed)
+    test_idx = pick_test_indices(y_test, cfg.test_size, cfg.seed)
+    pre = fit_preprocessor(cfg, x_train[fit_idx], device)
+
+    def make(images: np.ndarray, labels: np.ndarray) -> Split:
+        return Split(pre.apply(images, device), torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
+
+    return Dataset(
+        train=make(x_train[train_idx], y_train[train_idx]),
+        val=make(x_train[val_idx], y_train[val_idx]) if len(val_idx) else None,
+        test=make(x_test[test_idx], y_test[test_idx]),
+        num_classes=len(classes),
+        classes=list(classes),
+        fingerprint=_fingerprint(cfg, (x_train, y_train, x_test, y_test)),
+        preprocessor=pre,
+    )
+
+
+def random_split(n: int, device: torch.device | str, *, num_classes: int = 10, seed: int = 0) -> Split:
+    """``n`` standard-normal inputs with uniform random labels, on ``device`` channels_last: for timing, where the
+    content does not matter and making images would cost more than what is timed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return Split(x, y).to(device, channels_last=True)
+
+
+def load_onto(cfg: DataConfig, device: torch.device | str) -> Dataset:
+    """The one way a run gets its data: load, split and preprocess (the ZCA fit on ``device`` too), then move the
+    whole dataset there once, channels_last. Training, search trials, retraining and the benchmark all use it."""
+    device = torch.device(device)
+    return load_dataset(cfg, device=device).to(device, channels_last=True)
+
