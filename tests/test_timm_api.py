@@ -17,6 +17,8 @@ from torch import nn
 
 from allconv_cli import models
 
+pytestmark = pytest.mark.unit
+
 NAMES = list(models.ARCHITECTURES.values())
 
 
