@@ -37,6 +37,16 @@ def run_side_by_side(commands: list[list[str]], timeout: float = 300, **popen: o
     return results
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_put() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``, which every later subprocess and in-process
+    study would inherit: a test that points MLflow somewhere puts it back."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
+        sys.modules["mlflow"].set_tracking_uri(before)  # None unsets the variable again
+
+
 @pytest.fixture(scope="session")
 def cifar10k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the first real training file (10,000 images, 1,000 per class; the five files are balanced and
