@@ -151,7 +151,10 @@ class SearchSpace:
         return out
 
     def size(self, base: dict[str, Any]) -> int | None:
-        """How many distinct configurations the space gives with ``base`` (None: countless, a float range)."""
+        """How many distinct configurations the space gives with ``base`` (None: countless, a float range; or a space
+        that samples nothing, whose trials all train the fixed config, on purpose)."""
+        if not self.params:
+            return None
         sizes: dict[str, int | None] = {n: p.dist.size() for n, p in self.params.items() if p.dist is not None}
         dependents: dict[str, list[Param]] = {}
         for p in self.params.values():

@@ -152,8 +152,8 @@ def judge(trials: Sequence[FrozenTrial], number: int) -> int | str | None:
     waits on an earlier one, so nobody waits in a circle, and exactly one of the equal trials is trained.
     """
     me = next(t for t in trials if t.number == number)
-    if me.system_attrs.get("retry_history") or "fixed_params" in me.system_attrs:
-        return None  # a retry or an enqueued trial: its values were not sampled
+    if not me.params or me.system_attrs.get("retry_history") or "fixed_params" in me.system_attrs:
+        return None  # nothing sampled (a space of fixed values), a retry or an enqueued trial
     excluded = Excluded.of(trials)
     pending = False
     for t in trials:

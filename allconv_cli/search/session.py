@@ -1,8 +1,8 @@
 """One study session, the same for ``allconv search`` and for each network of ``allconv reproduce``.
 
-Load the data (its errors come before a storage, a study or a parent run exists), open the storage, create or resume
-the study, find its MLflow parent run, re-queue interrupted trials, run what is left, close the parent (also when
-that ends in an error or Ctrl-C), and log the summary.
+Check the storage URL, load the data (its errors come before a SQLite storage, a study or a parent run exists), open
+the storage, create or resume the study, find its MLflow parent run, re-queue interrupted trials, run what is left,
+close the parent (also when that ends in an error or Ctrl-C), and log the summary.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from allconv_cli.search.budget import Counts, count_trials, host_lock, requeue_i
 from allconv_cli.search.launcher import run_trials
 from allconv_cli.search.parent_run import close_parent, ensure_parent_run, experiment_of, open_parent, summarize
 from allconv_cli.search.settings import SearchSettings, StudyRun, safe_url
-from allconv_cli.search.storage import create_or_load_study, load_study, open_settings_storage
+from allconv_cli.search.storage import create_or_load_study, is_local_file, load_study, open_settings_storage
 from allconv_cli.search.worker import DataCache, Worker, preload_data
 
 
@@ -64,12 +64,17 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     """
     quiet_libraries()
     data = data if data is not None else DataCache()
-    if not summarize_only:
-        preload_data(settings, data)  # a data error leaves no empty optuna.db behind
+    # The data before a SQLite file is created (a data error leaves no empty optuna.db), but after a server
+    # database answered (an unreachable one is reported at once, not after loading the data).
+    file_storage = is_local_file(settings.storage_url)
+    if not summarize_only and file_storage:
+        preload_data(settings, data)
     storage = open_settings_storage(settings)
     if summarize_only:  # only reads: it must not create an empty study under a mistyped name
         study, creator = load_study(settings, storage), True
     else:
+        if not file_storage:
+            preload_data(settings, data)
         study, creator = create_or_load_study(settings, storage)
     parent = ensure_parent_run(study, settings, creator=creator)
     run = StudyRun(settings, parent, experiment_of(parent, settings.experiment, console))

@@ -52,6 +52,31 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+def check_storage_url(url: str) -> Any:
+    """The parsed URL (a SQLAlchemy ``URL``) once its syntax, its driver and a SQLite file's folder are right; one
+    AllconvError line otherwise. Connects to nothing and creates nothing."""
+    import sqlalchemy
+
+    shown = safe_url(url)
+    fix = "use e.g. sqlite:///optuna.db or postgresql://user:password@host/dbname"
+    try:
+        parsed = sqlalchemy.engine.make_url(_normalise_url(url))
+        parsed.get_dialect()  # an unknown scheme or a missing driver
+    except Exception as exc:
+        raise AllconvError(f"--storage {shown!r} is not a database URL ({first_line(exc)}): {fix}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        folder = Path(parsed.database).expanduser().parent
+        if not folder.is_dir():
+            raise AllconvError(f"cannot open the Optuna storage {shown}: folder {folder} does not exist")
+    return parsed
+
+
+def is_local_file(url: str) -> bool:
+    """A SQLite file: opening the storage creates it (a server database is only connected to)."""
+    parsed = check_storage_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+
+
 def open_storage(url: str, *, heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
                  grace_period: int = DEFAULT_GRACE_PERIOD, max_retry: int = DEFAULT_MAX_RETRY) -> RDBStorage:
     """An RDB storage with heartbeats; any problem (bad URL, no driver, no server) is one AllconvError line."""
@@ -59,18 +84,9 @@ def open_storage(url: str, *, heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERV
 
     shown = safe_url(url)
     fix = "use e.g. sqlite:///optuna.db or postgresql://user:password@host/dbname"
-    try:
-        parsed = sqlalchemy.engine.make_url(_normalise_url(url))
-    except Exception as exc:
-        raise AllconvError(f"--storage {shown!r} is not a database URL ({first_line(exc)}): {fix}") from None
-    engine_kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        # several local workers write to one file; wait for the lock instead of failing after 5 s
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-        if parsed.database and parsed.database != ":memory:":
-            folder = Path(parsed.database).expanduser().parent
-            if not folder.is_dir():
-                raise AllconvError(f"cannot open the Optuna storage {shown}: folder {folder} does not exist")
+    parsed = check_storage_url(url)
+    # several local workers write to one SQLite file; wait for the lock instead of failing after 5 s
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}} if parsed.get_backend_name() == "sqlite" else {}
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
