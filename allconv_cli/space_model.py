@@ -101,7 +101,7 @@ class SearchSpace:
         return any(name in DATA_FIELDS for name in self.params)
 
     def grid(self) -> dict[str, list[Any]]:
-        """The GridSampler search space: every independent parameter's choices."""
+        """The grid's axes: every independent parameter's choices."""
         return {name: list(p.dist.choices) for name, p in self.params.items() if p.dist is not None}
 
     def grid_size(self) -> int | None:

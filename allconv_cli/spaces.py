@@ -313,4 +313,4 @@ def _check_dependencies(where: str, params: dict[str, Param], sampler: str) -> N
                                  f"{p.depends_on}: the choices are {', '.join(choices)}")
         if sampler == "grid" and any(isinstance(c, Dist) for c in p.cases.values()):
             raise SpaceError(f"{where}: params.{p.name}: in a grid, dependent parameters can only have plain "
-                             f"values per case (GridSampler needs one fixed grid)")
+                             f"values per case (a grid is one fixed set of points)")

@@ -105,10 +105,10 @@ def _run_worker_processes(run: StudyRun, study: optuna.Study, view: SearchView, 
         console.print("Interrupted: checkpointing the running trials...")
         _interrupt(procs, view, study)
     view.update(study.get_trials(deepcopy=False))
+    if restarts_left == settings.workers:  # no worker crashed: the logs are not needed (an error's line is kept)
+        shutil.rmtree(folder, ignore_errors=True)
     if errors:
         raise AllconvError(errors[0].removeprefix("Error: "))
-    if restarts_left == settings.workers:  # nothing went wrong: the logs are not needed
-        shutil.rmtree(folder, ignore_errors=True)
     if interrupted:
         return "interrupted"
     c = count_trials(study.get_trials(deepcopy=False))

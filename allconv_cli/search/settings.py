@@ -173,7 +173,7 @@ def plan_search(space_name: str, options: dict[str, Any], given: Collection[str]
     if size is not None and trials > size:
         if "trials" in given:
             what = "grid" if space.sampler == "grid" else "space"
-            unit = "points" if space.sampler == "grid" else "distinct configurations"
+            unit = ("point" if space.sampler == "grid" else "distinct configuration") + ("s" if size != 1 else "")
             notes.append(f"the {what} of {space.name} has {size} {unit}: the study runs {size} trials")
         trials = size
     settings.update(heartbeat_settings(settings.pop("heartbeat_interval", None), settings.pop("grace_period", None)))
