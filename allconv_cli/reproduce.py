@@ -3,7 +3,7 @@
 Why it is built on :mod:`allconv_cli.search` rather than a loop over ``allconv train``:
 
 * A reproduction is a hyperparameter search with a fixed grid: the paper trained each network once per learning
-  rate in {0.25, 0.1, 0.05, 0.01} and reported the best. As an Optuna study with a ``GridSampler`` it gets
+  rate in {0.25, 0.1, 0.05, 0.01} and reported the best. As an Optuna study with a grid sampler it gets
   everything ``allconv search`` has: every trial is an MLflow child run of one parent run per study; rerunning the
   command resumes (finished lrs are not trained again, an interrupted one continues from its checkpoint); several
   processes or hosts sharing ``--storage`` split the grid between them, and a lost worker's trial is retried.

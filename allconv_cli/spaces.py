@@ -1,27 +1,27 @@
 """Search spaces: YAML files that say which :class:`~allconv_cli.config.TrainConfig` fields a search samples, how.
 
 A space is data, so a study is reproducible from the file alone (it is logged with the study), and every key is
-checked before a study starts. ``--space NAME`` finds ``./search_spaces/NAME.yaml`` (the user's own) before the
-shipped package data; the format and the reasons are in docs/design.md. Imports neither torch nor optuna.
+checked (against TrainConfig's own ranges) before a study starts. ``--space NAME`` finds
+``./search_spaces/NAME.yaml`` (the user's own) before the shipped package data; the format and the reasons are in
+docs/design.md. The parsed space is :class:`~allconv_cli.space_model.SearchSpace`. Imports neither torch nor optuna.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import hashlib
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from allconv_cli import space_files
-from allconv_cli.config import DATA_FIELDS, FIELD_NAMES, FIELD_TYPES, SAMPLEABLE, TrainConfig
-from allconv_cli.errors import AllconvError
+from allconv_cli.config import FIELD_NAMES, FIELD_TYPES, SAMPLEABLE
+from allconv_cli.config import spec as field_spec
 from allconv_cli.space_files import SpaceError
+from allconv_cli.space_model import Dist, Param, SearchSpace, case_key
+
+__all__ = ["Dist", "Param", "SearchSpace", "SpaceError", "case_key", "coerce", "load", "load_path", "parse"]
 
 SAMPLERS = ("tpe", "random", "grid")
 TOP_KEYS = ("description", "sampler", "fixed", "params")
@@ -94,103 +94,6 @@ def coerce(name: str, value: Any) -> Any:
             return tuple(value)
         raise ValueError(f"{name} is a list of integers, not {value!r}")
     raise ValueError(f"{name} cannot be set in a search space")
-
-
-def case_key(value: Any) -> str:
-    """The string a ``cases:`` entry is matched by (YAML keys and config values normalised the same way)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "null" if value is None else str(value)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """One Optuna distribution: ``float``/``int`` with low, high, log, step, or ``categorical`` with choices."""
-
-    kind: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple[Any, ...] = ()
-
-    def suggest(self, trial: Any, name: str) -> Any:
-        if self.kind == "categorical":
-            return trial.suggest_categorical(name, list(self.choices))
-        if self.kind == "int":
-            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return trial.suggest_float(name, float(self.low), float(self.high), log=self.log, step=self.step)
-
-
-@dataclass(frozen=True)
-class Param:
-    """A sampled field: one distribution, or one case (distribution or constant) per value of ``depends_on``."""
-
-    name: str
-    dist: Dist | None = None
-    depends_on: str | None = None
-    cases: dict[str, Dist | Any] = field(default_factory=dict)  # case_key(parent value) -> Dist or constant
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    name: str
-    source: str  # the file it was read from
-    text: str  # the file's content, logged with the study
-    description: str = ""
-    sampler: str = "tpe"
-    fixed: dict[str, Any] = field(default_factory=dict)
-    params: dict[str, Param] = field(default_factory=dict)  # in sampling order: parents before dependents
-
-    @property
-    def sha(self) -> str:
-        """Identifies the space's meaning (not its comments or layout), to refuse resuming with another space."""
-        canon = {"sampler": self.sampler, "fixed": self.fixed, "params": {
-            n: {"dist": dataclasses.asdict(p.dist) if p.dist else None, "depends_on": p.depends_on,
-                "cases": {k: dataclasses.asdict(c) if isinstance(c, Dist) else c for k, c in p.cases.items()}}
-            for n, p in self.params.items()}}
-        return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    @property
-    def varies_data(self) -> bool:
-        return any(name in DATA_FIELDS for name in self.params)
-
-    def grid(self) -> dict[str, list[Any]]:
-        """The GridSampler search space: every independent parameter's choices."""
-        return {name: list(p.dist.choices) for name, p in self.params.items() if p.dist is not None}
-
-    def grid_size(self) -> int | None:
-        """Number of grid points (None unless the sampler is grid)."""
-        if self.sampler != "grid":
-            return None
-        return math.prod(len(choices) for choices in self.grid().values())
-
-    def check_base(self, base: dict[str, Any], origin: str = "the command line") -> None:
-        """Every dependent parameter whose parent is not sampled must have a case for the parent's actual value."""
-        for p in self.params.values():
-            if p.depends_on and p.depends_on not in self.params:
-                key = case_key(base.get(p.depends_on))
-                if key not in p.cases:
-                    raise SpaceError(
-                        f"space {self.source}: params.{p.name} depends on {p.depends_on}, which is {key} here "
-                        f"(from {origin}), but has cases only for {', '.join(p.cases)}"
-                    )
-
-    def sample(self, trial: Any, base: dict[str, Any]) -> dict[str, Any]:
-        """Draw this trial's values (``trial`` is an Optuna trial); ``base`` supplies parents that are not sampled."""
-        values: dict[str, Any] = {}
-        for p in self.params.values():
-            if p.dist is not None:
-                values[p.name] = p.dist.suggest(trial, p.name)
-                continue
-            assert p.depends_on is not None
-            parent = values[p.depends_on] if p.depends_on in values else base.get(p.depends_on)
-            key = case_key(parent)
-            if key not in p.cases:
-                raise SpaceError(f"space {self.source}: params.{p.name} has no case for {p.depends_on}={key}")
-            case = p.cases[key]
-            values[p.name] = case.suggest(trial, f"{p.name}.{key}") if isinstance(case, Dist) else case
-        return values
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,13 +184,11 @@ def _parse_fixed(where: str, fixed: Any) -> dict[str, Any]:
 
 
 def _check_value(where: str, name: str, value: Any) -> None:
-    """Let TrainConfig's own checks judge one value (lr > 0, known optimizer, ...)."""
-    try:
-        TrainConfig(**{name: value})
-    except AllconvError as exc:
-        raise SpaceError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise SpaceError(f"{where}: {_collapse_whitespace(exc)}") from None
+    """Let the field's own range judge one value (lr > 0, dropout in [0, 1), a known optimizer, ...): the same check
+    TrainConfig makes, so a space cannot hold a value that only fails once a trial builds its config."""
+    message = field_spec(name).check(name, value)
+    if message:
+        raise SpaceError(f"{where}: {message}")
 
 
 def _parse_param(where: str, name: str, spec: Any) -> Param:
@@ -307,9 +208,11 @@ def _parse_param(where: str, name: str, spec: Any) -> Param:
         parsed: dict[str, Dist | Any] = {}
         for raw_key, case in cases.items():
             try:
-                key = case_key(coerce(parent, raw_key))
+                parent_value = coerce(parent, raw_key)
             except ValueError as exc:
                 raise SpaceError(f"{at}.cases.{raw_key}: {exc}") from None
+            _check_value(f"{at}.cases.{raw_key}", parent, parent_value)  # a case no config can reach
+            key = case_key(parent_value)
             if isinstance(case, dict):
                 parsed[key] = _parse_dist(f"{at}.cases.{raw_key}", name, {**base, **case})
             else:
@@ -410,4 +313,4 @@ def _check_dependencies(where: str, params: dict[str, Param], sampler: str) -> N
                                  f"{p.depends_on}: the choices are {', '.join(choices)}")
         if sampler == "grid" and any(isinstance(c, Dist) for c in p.cases.values()):
             raise SpaceError(f"{where}: params.{p.name}: in a grid, dependent parameters can only have plain "
-                             f"values per case (GridSampler needs one fixed grid)")
+                             f"values per case (a grid is one fixed set of points)")

@@ -50,7 +50,7 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
 
     Then `allconv report` prints the comparison.
     """
-    from allconv_cli import report, reproduce
+    from allconv_cli import report, reproduce, search
 
     plan = reproduce.ReproducePlan(
         models=reproduce.parse_models(models),
@@ -63,7 +63,7 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
         storage_url=storage,
         workers=workers,
     )
-    console = report.wide_console()
+    console = search.pipe_safe(report.wide_console())  # Ctrl-C with `| tee`: no broken pipe mid-checkpoint
     ctx = click.get_current_context()
     if "paper" in plan.protocols and ctx.get_parameter_source("val_size") == ParameterSource.COMMANDLINE:
         console.print("note: --protocol paper trains on all training images: --val-size applies to validated only")

@@ -78,7 +78,7 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
 
     if worker_plan:
         sys.exit(search.run_worker_process(worker_plan, worker_index))
-    console = Console(soft_wrap=True)  # messages stay one line each (logs, CI), tables still fit the width
+    console = search.pipe_safe(Console(soft_wrap=True))  # one line per message (logs, CI); survives `| tee`
     ctx = click.get_current_context()
     given = {k for k in ctx.params if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
                                                                        ParameterSource.ENVIRONMENT)}

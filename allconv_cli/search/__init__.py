@@ -1,9 +1,10 @@
 """``allconv search``: Optuna studies whose every trial is a tracked MLflow run; ``allconv reproduce`` runs on it too.
 
 The entry point is :func:`run_study` (``session.py``); the other modules each hold one concern: the plan
-(``settings``), the Optuna storage and study identity (``storage``), counting trials (``budget``), a worker's
-ask/train/tell loop (``worker``), worker processes (``launcher``), the MLflow parent run and summary
-(``parent_run``) and the terminal view (``view``). Why it works this way: docs/scaling.md.
+(``settings``), the Optuna storage and study identity (``storage``), counting trials (``budget``), samplers that keep
+processes from repeating each other (``sampling``), a worker's ask/train/tell loop (``worker``), worker processes
+(``launcher``), the MLflow parent run and summary (``parent_run``) and the terminal view (``view``). Why it works
+this way: docs/scaling.md.
 
 Importing this package is cheap (no torch, Optuna or MLflow): the names below load their module on first use.
 """
@@ -20,8 +21,9 @@ _HOMES = {
     "session": ("StudyOutcome", "quiet_libraries", "run_study", "run_worker_process"),
     "settings": ("PRUNERS", "SearchSettings", "StudyRun", "default_storage_url", "default_study_name", "plan_search",
                  "safe_url"),
-    "storage": ("make_pruner", "make_sampler", "open_storage"),
-    "view": ("summary_table",),
+    "sampling": ("make_sampler", "trial_seed"),
+    "storage": ("make_pruner", "open_storage"),
+    "view": ("pipe_safe", "summary_table"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -1,16 +1,22 @@
 """Counting a study's trials against ``--trials``, exactly, with any number of workers and hosts.
 
 ``--trials`` is the number of *finished* trials (complete + pruned + failed), where a failed trial that was re-queued
-(worker lost, or Ctrl-C) does not count, its retry does. Running and waiting trials are reserved budget: a worker
-only asks for a new trial while finished + running + waiting < target, under a per-host file lock. Hosts racing for
-the last slot are settled after the fact: the trial created after the target is marked surplus and not counted.
+(worker lost, or Ctrl-C) does not count, its retry does; nor do trials that were never trained (a repeat of another
+trial's values, a user error). Running and waiting trials are reserved budget: a worker only asks for a new trial
+while finished + running + waiting < target, under a per-host lock. Hosts racing for the last slot are settled after
+the fact: the trial created after the target is marked surplus and not counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import random
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,8 @@ from allconv_cli.search.settings import SearchSettings
 from allconv_cli.tracking import TAG
 
 SURPLUS_ATTR = f"{TAG}surplus"
+DUPLICATE_ATTR = f"{TAG}duplicate_of"  # the number of the trial whose sampled values this one repeated
+USER_ERROR_ATTR = f"{TAG}user_error"  # failed on the user's input (AllconvError): the search stopped
 REASON_INTERRUPTED = "interrupted"
 
 
@@ -85,9 +93,17 @@ class Excluded:
     def counts(self, t: FrozenTrial) -> bool:
         """Does ``t`` take a place among the study's ``--trials``? Not when surplus, a duplicate retry, or a failed
         trial whose retry takes its place."""
-        if t.user_attrs.get(SURPLUS_ATTR) or t.number in self.duplicates:
+        if not takes_a_place(t, self):
             return False
         return not (t.state == TrialState.FAIL and t.number in self.superseded)
+
+
+def takes_a_place(t: FrozenTrial, excluded: Excluded) -> bool:
+    """Was ``t`` (or is it being) trained for the study, its values taken? Not a surplus trial, a duplicate retry, a
+    repeat of another trial's values, or a trial stopped by a user error."""
+    attrs = t.user_attrs
+    return not (attrs.get(SURPLUS_ATTR) or DUPLICATE_ATTR in attrs or attrs.get(USER_ERROR_ATTR)
+                or t.number in excluded.duplicates)
 
 
 def count_trials(trials: Sequence[FrozenTrial]) -> Counts:
@@ -146,15 +162,31 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     return requeued
 
 
+def lock_key(settings: SearchSettings) -> str:
+    """One lock per study and temp folder: the processes that share a temp folder are one host's (tests give each
+    simulated host its own TMPDIR)."""
+    text = f"{settings.storage_url}\0{settings.study_name}\0{tempfile.gettempdir()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def host_lock(settings: SearchSettings) -> Iterator[None]:
-    """Serialise 'count, then ask' among the workers of this host, which makes the trial total exact."""
+    """Serialise 'count, then ask' among the workers of this host, which makes the trial total exact.
+
+    On Linux the lock is a socket name in the abstract namespace: no file, and the kernel frees it when its
+    process ends, however it ends. Elsewhere a lock file with flock; without either (Windows), no lock: the
+    surplus check after asking still keeps the count right.
+    """
+    key = lock_key(settings)
+    if sys.platform.startswith("linux"):
+        with _abstract_socket_lock(f"allconv-search-{key}"):
+            yield
+        return
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): the surplus check after asking still keeps the count right
+    except ImportError:
         yield
         return
-    key = hashlib.sha256(f"{settings.storage_url}\0{settings.study_name}".encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"allconv-search-{key}.lock"
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -162,3 +194,24 @@ def host_lock(settings: SearchSettings) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _abstract_socket_lock(name: str) -> Iterator[None]:
+    """Held while this process has a Unix socket bound to ``\\0name``; others poll until they can bind it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        delay = 0.005
+        while True:
+            try:
+                sock.bind(b"\0" + name.encode())
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.1)
+        yield
+    finally:
+        sock.close()
+

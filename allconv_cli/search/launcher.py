@@ -97,22 +97,29 @@ def _run_worker_processes(run: StudyRun, study: optuna.Study, view: SearchView, 
                     restarts_left -= 1
                     procs[i] = spawn(i)
                     console.print(f"restarted worker {i} (pid {procs[i].pid})", highlight=False)
+            if errors and procs:  # a user error stops the search: the others checkpoint their trials and stop
+                _interrupt(procs, view, study)
+                procs = {}
     except KeyboardInterrupt:
         interrupted = True
         console.print("Interrupted: checkpointing the running trials...")
-        for proc in procs.values():
-            with contextlib.suppress(OSError):
-                proc.send_signal(signal.SIGINT)
-        _wait_all(list(procs.values()), view, study)
+        _interrupt(procs, view, study)
     view.update(study.get_trials(deepcopy=False))
+    if restarts_left == settings.workers:  # no worker crashed: the logs are not needed (an error's line is kept)
+        shutil.rmtree(folder, ignore_errors=True)
     if errors:
         raise AllconvError(errors[0].removeprefix("Error: "))
-    if restarts_left == settings.workers:  # nothing went wrong: the logs are not needed
-        shutil.rmtree(folder, ignore_errors=True)
     if interrupted:
         return "interrupted"
     c = count_trials(study.get_trials(deepcopy=False))
     return "done" if c.finished >= settings.trials else "timeout"
+
+
+def _interrupt(procs: dict[int, subprocess.Popen[bytes]], view: SearchView, study: optuna.Study) -> None:
+    for proc in procs.values():
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGINT)
+    _wait_all(list(procs.values()), view, study)
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], view: SearchView, study: optuna.Study,

@@ -30,7 +30,9 @@ from allconv_cli.search.storage import PARENT_ATTR, UID_ATTR, wait_for_attr
 from allconv_cli.tracked_run import RunOutcome, prepare_data, run_tracked
 from allconv_cli.tracking import TAG
 
-STUDY_STATE = {"done": "complete", "timeout": "incomplete", "pending": "incomplete", "interrupted": "interrupted"}
+STUDY_STATE = {"done": "complete", "timeout": "incomplete", "pending": "incomplete", "interrupted": "interrupted",
+               "exhausted": "exhausted", "failed": "failed"}
+RUN_END = {"interrupted": "KILLED", "failed": "FAILED"}  # every other status ends the parent FINISHED
 
 
 def _run_alive(run_id: str | None) -> bool:
@@ -124,7 +126,7 @@ def close_parent(run_id: str, status: str, settings: SearchSettings) -> None:
     state = STUDY_STATE.get(status, status)
     tracking.try_set_tags(run_id, {f"{TAG}study_state": state, f"{TAG}target_trials": str(settings.trials)})
     with contextlib.suppress(Exception):
-        tracking.retrying(tracking.client().set_terminated, run_id, "KILLED" if status == "interrupted" else "FINISHED")
+        tracking.retrying(tracking.client().set_terminated, run_id, RUN_END.get(status, "FINISHED"))
 
 
 # --------------------------------------------------------------------------------------------------------------------

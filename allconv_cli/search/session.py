@@ -1,7 +1,8 @@
 """One study session, the same for ``allconv search`` and for each network of ``allconv reproduce``.
 
-Open the storage, load the data (its errors come before a study or a parent run exists), create or resume the study,
-find its MLflow parent run, re-queue interrupted trials, run what is left, close the parent, and log the summary.
+Check the storage URL, load the data (its errors come before a SQLite storage, a study or a parent run exists), open
+the storage, create or resume the study, find its MLflow parent run, re-queue interrupted trials, run what is left,
+close the parent (also when that ends in an error or Ctrl-C), and log the summary.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from allconv_cli.search.budget import Counts, count_trials, host_lock, requeue_i
 from allconv_cli.search.launcher import run_trials
 from allconv_cli.search.parent_run import close_parent, ensure_parent_run, experiment_of, open_parent, summarize
 from allconv_cli.search.settings import SearchSettings, StudyRun, safe_url
-from allconv_cli.search.storage import create_or_load_study, load_study, open_settings_storage
+from allconv_cli.search.storage import create_or_load_study, is_local_file, load_study, open_settings_storage
 from allconv_cli.search.worker import DataCache, Worker, preload_data
 
 
@@ -62,12 +63,18 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     sessions of one process share the loaded dataset.
     """
     quiet_libraries()
-    storage = open_settings_storage(settings)
     data = data if data is not None else DataCache()
+    # The data before a SQLite file is created (a data error leaves no empty optuna.db), but after a server
+    # database answered (an unreachable one is reported at once, not after loading the data).
+    file_storage = is_local_file(settings.storage_url)
+    if not summarize_only and file_storage:
+        preload_data(settings, data)
+    storage = open_settings_storage(settings)
     if summarize_only:  # only reads: it must not create an empty study under a mistyped name
         study, creator = load_study(settings, storage), True
     else:
-        preload_data(settings, data)
+        if not file_storage:
+            preload_data(settings, data)
         study, creator = create_or_load_study(settings, storage)
     parent = ensure_parent_run(study, settings, creator=creator)
     run = StudyRun(settings, parent, experiment_of(parent, settings.experiment, console))
@@ -107,11 +114,17 @@ def _run_trials(run: StudyRun, study: optuna.Study, storage: RDBStorage, console
     if settings.timeout is not None:
         run = dataclasses.replace(run, deadline=time.time() + settings.timeout)
     open_parent(run.parent_run_id)
-    status = run_trials(run, study, storage, console, data)
-    c = count_trials(study.get_trials(deepcopy=False))
-    if status != "interrupted":
-        status = "done" if c.finished >= target else "timeout" if settings.wait_for_others else "pending"
-    close_parent(run.parent_run_id, status, settings)
+    status = "failed"
+    try:
+        status = run_trials(run, study, storage, console, data)
+        c = count_trials(study.get_trials(deepcopy=False))
+        if status not in ("interrupted", "exhausted"):
+            status = "done" if c.finished >= target else "timeout" if settings.wait_for_others else "pending"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:  # a user error in a trial, Ctrl-C, a broken pipe: the parent run is never left RUNNING
+        close_parent(run.parent_run_id, status, settings)
     return status, True
 
 
@@ -124,7 +137,7 @@ def run_worker_process(plan_path: str, index: int) -> int:
     run = StudyRun.from_json(Path(plan_path).read_text())
     settings = run.settings
     storage = open_settings_storage(settings)
-    study = load_study(settings, storage, worker=index + 1)
+    study = load_study(settings, storage)
     console = Console(width=160)
     status = Worker(run, study, storage, console).run()
     console.print(f"worker {index} (pid {os.getpid()}): {status}")

@@ -169,11 +169,13 @@ def plan_search(space_name: str, options: dict[str, Any], given: Collection[str]
     if base["val_size"] <= 0 and "val_size" not in space.params:
         raise AllconvError("a search selects on the validation split: pass --val-size > 0 (use --retrain-best to "
                            "train the winner on train+validation afterwards)")
-    grid = space.grid_size()
-    if grid is not None and trials > grid:
+    size = space.size(base)  # trials never repeat each other's values: more than this cannot run
+    if size is not None and trials > size:
         if "trials" in given:
-            notes.append(f"the grid of {space.name} has {grid} points: the study runs {grid} trials")
-        trials = grid
+            what = "grid" if space.sampler == "grid" else "space"
+            unit = ("point" if space.sampler == "grid" else "distinct configuration") + ("s" if size != 1 else "")
+            notes.append(f"the {what} of {space.name} has {size} {unit}: the study runs {size} trials")
+        trials = size
     settings.update(heartbeat_settings(settings.pop("heartbeat_interval", None), settings.pop("grace_period", None)))
     plan = SearchSettings(
         study_name=study_name or default_study_name(base["model"], base["branch"], space.name),

@@ -12,17 +12,17 @@ import importlib.util
 import os
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
 
 from allconv_cli.config import EXECUTION_FIELDS, TrainConfig
 from allconv_cli.errors import AllconvError
+from allconv_cli.search.budget import Excluded, takes_a_place
+from allconv_cli.search.sampling import make_sampler
 from allconv_cli.search.settings import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -52,6 +52,31 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+def check_storage_url(url: str) -> Any:
+    """The parsed URL (a SQLAlchemy ``URL``) once its syntax, its driver and a SQLite file's folder are right; one
+    AllconvError line otherwise. Connects to nothing and creates nothing."""
+    import sqlalchemy
+
+    shown = safe_url(url)
+    fix = "use e.g. sqlite:///optuna.db or postgresql://user:password@host/dbname"
+    try:
+        parsed = sqlalchemy.engine.make_url(_normalise_url(url))
+        parsed.get_dialect()  # an unknown scheme or a missing driver
+    except Exception as exc:
+        raise AllconvError(f"--storage {shown!r} is not a database URL ({first_line(exc)}): {fix}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        folder = Path(parsed.database).expanduser().parent
+        if not folder.is_dir():
+            raise AllconvError(f"cannot open the Optuna storage {shown}: folder {folder} does not exist")
+    return parsed
+
+
+def is_local_file(url: str) -> bool:
+    """A SQLite file: opening the storage creates it (a server database is only connected to)."""
+    parsed = check_storage_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+
+
 def open_storage(url: str, *, heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
                  grace_period: int = DEFAULT_GRACE_PERIOD, max_retry: int = DEFAULT_MAX_RETRY) -> RDBStorage:
     """An RDB storage with heartbeats; any problem (bad URL, no driver, no server) is one AllconvError line."""
@@ -59,18 +84,9 @@ def open_storage(url: str, *, heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERV
 
     shown = safe_url(url)
     fix = "use e.g. sqlite:///optuna.db or postgresql://user:password@host/dbname"
-    try:
-        parsed = sqlalchemy.engine.make_url(_normalise_url(url))
-    except Exception as exc:
-        raise AllconvError(f"--storage {shown!r} is not a database URL ({first_line(exc)}): {fix}") from None
-    engine_kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        # several local workers write to one file; wait for the lock instead of failing after 5 s
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-        if parsed.database and parsed.database != ":memory:":
-            folder = Path(parsed.database).expanduser().parent
-            if not folder.is_dir():
-                raise AllconvError(f"cannot open the Optuna storage {shown}: folder {folder} does not exist")
+    parsed = check_storage_url(url)
+    # several local workers write to one SQLite file; wait for the lock instead of failing after 5 s
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}} if parsed.get_backend_name() == "sqlite" else {}
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
@@ -101,26 +117,6 @@ def open_settings_storage(settings: SearchSettings) -> RDBStorage:
                         grace_period=settings.grace_period, max_retry=settings.max_retry)
 
 
-class _GridSampler(optuna.samplers.GridSampler):
-    """GridSampler without its ``study.stop()`` after the last point: that only works inside ``optimize()`` (we
-    ask and tell), and the study's end is decided by counting trials anyway (the target is capped at the grid)."""
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        return None
-
-
-def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
-    if space.sampler == "grid":
-        return _GridSampler(space.grid(), seed=seed)
-    if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # group=True: TPE models each conditional branch (lr.sgd vs lr.adam) on the trials that have it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
-
-
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """``median``: never in the first 5 trials (they set the bar) nor in the first 10% of epochs (noisy start)."""
     if name == "median":
@@ -133,20 +129,15 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     raise AllconvError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
 
 
-def _sampler_seed(seed: int, worker: int, existing: int) -> int:
-    """Distinct per worker and per resume: a reseeded sampler would otherwise replay the first trials' params."""
-    return (seed * 1_000_003 + worker * 10_007 + existing * 101) % (2**31 - 1)
-
-
-def load_study(settings: SearchSettings, storage: RDBStorage, worker: int = 0) -> optuna.Study:
-    """The existing study with this worker's sampler and the pruner (Optuna keeps neither in the storage)."""
+def load_study(settings: SearchSettings, storage: RDBStorage) -> optuna.Study:
+    """The existing study with its sampler and pruner (Optuna keeps neither in the storage)."""
     space = settings.space()
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=storage)
     except KeyError:
         raise AllconvError(f"no study {settings.study_name!r} in {safe_url(settings.storage_url)}: "
                            f"run the search without --summarize first") from None
-    study.sampler = make_sampler(space, _sampler_seed(settings.seed, worker, len(study.get_trials(deepcopy=False))))
+    study.sampler = make_sampler(space, settings.seed)
     study.pruner = make_pruner(settings.pruner, int(settings.base_config["epochs"]))
     return study
 
@@ -177,7 +168,7 @@ def create_or_load_study(settings: SearchSettings, storage: RDBStorage) -> tuple
     attrs = wait_for_attr(study, SPACE_SHA_ATTR)
     if SPACE_SHA_ATTR not in attrs:  # the creator died before writing them: adopt the study
         attrs = _write_identity(study, {**identity, UID_ATTR: attrs.get(UID_ATTR) or os.urandom(8).hex()}, space.sha)
-    if not created and not study.get_trials(deepcopy=False) and (
+    if not created and not _trained_any(study) and (
             attrs.get(SPACE_SHA_ATTR) != space.sha or attrs.get(BASE_ATTR) != identity[BASE_ATTR]):
         # no trial yet, nothing to mix up: the command that fixes a mistake (say --val-size) takes the study over
         attrs = _write_identity(study, identity, space.sha)
@@ -196,8 +187,15 @@ def create_or_load_study(settings: SearchSettings, storage: RDBStorage) -> tuple
         now = ", ".join(f"{k}={new_base.get(k)!r}" for k in changed)
         raise AllconvError(f"study {settings.study_name!r} was started with {was}; this command has {now}: rerun "
                            f"with the study's options or pick another --study-name")
-    study.sampler = make_sampler(space, _sampler_seed(settings.seed, 0, len(study.get_trials(deepcopy=False))))
     return study, created
+
+
+def _trained_any(study: optuna.Study) -> bool:
+    """Has any trial of the study been trained (or is one being trained)? Repeats, user errors and surplus trials
+    were not."""
+    trials = study.get_trials(deepcopy=False)
+    excluded = Excluded.of(trials)
+    return any(takes_a_place(t, excluded) for t in trials)
 
 
 def _write_identity(study: optuna.Study, attrs: dict[str, Any], sha: str) -> dict[str, Any]:

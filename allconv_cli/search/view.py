@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
@@ -13,8 +15,57 @@ from rich.table import Table
 from allconv_cli import paper
 from allconv_cli.config import TrainConfig
 from allconv_cli.engine import EpochMetrics, Hooks
-from allconv_cli.search.budget import Counts, count_trials, state_name, superseded
+from allconv_cli.search.budget import DUPLICATE_ATTR, SURPLUS_ATTR, Counts, count_trials, state_name, superseded
 from allconv_cli.search.settings import SearchSettings
+
+
+class PipeSafeStream:
+    """Standard output that outlives its reader. Ctrl-C on ``allconv search ... | tee log`` stops ``tee`` too, and
+    every later write would raise BrokenPipeError: in the middle of checkpointing the trial and closing its MLflow
+    runs. After a broken pipe, output goes to /dev/null (also Python's own flush at exit) and the work goes on."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+
+def pipe_safe(console: Console) -> Console:
+    """``console``, writing through a :class:`PipeSafeStream`."""
+    if not isinstance(console.file, PipeSafeStream):
+        console.file = PipeSafeStream(console.file)  # type: ignore[assignment]
+    return console
 
 
 def fmt(value: Any) -> str:
@@ -77,7 +128,8 @@ class SearchView(Hooks):
 
 
 def trial_line(t: FrozenTrial, retried: bool = False) -> str:
-    state = state_name(t.state)
+    skipped = DUPLICATE_ATTR in t.user_attrs or t.user_attrs.get(SURPLUS_ATTR)
+    state = "skipped" if skipped else state_name(t.state)
     value = "" if t.value is None else f"val {100 * t.value:6.2f}%  "
     params = "  ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
     reason = t.user_attrs.get("reason", "") or ("worker lost" if t.state == TrialState.FAIL else "")

@@ -32,13 +32,16 @@ from allconv_cli.data import DataConfig, Dataset, load_onto
 from allconv_cli.engine import EpochMetrics, Hooks, resolve_device
 from allconv_cli.errors import AllconvError
 from allconv_cli.search.budget import (
+    DUPLICATE_ATTR,
     REASON_INTERRUPTED,
     SURPLUS_ATTR,
+    USER_ERROR_ATTR,
     count_trials,
     host_lock,
     state_name,
     surplus_reason,
 )
+from allconv_cli.search.sampling import repeated_trial
 from allconv_cli.search.settings import SearchSettings, StudyRun, first_line
 from allconv_cli.search.storage import UID_ATTR
 from allconv_cli.search.view import SearchView
@@ -124,6 +127,9 @@ class TrialHooks(Hooks):
         return None
 
 
+MAX_REPEATS = 20  # draws in a row that repeat tried values, after which a worker stops: the space is used up
+
+
 class Worker:
     """One trial at a time until the study holds ``settings.trials`` finished trials (or the deadline passes)."""
 
@@ -142,12 +148,13 @@ class Worker:
         self.who = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> str:
-        """Returns ``done``, ``timeout``, ``interrupted``, or ``busy`` (``wait_for_others=False``, all trials taken)."""
+        """Returns ``done``, ``timeout``, ``interrupted``, ``busy`` (``wait_for_others=False``, all trials taken) or
+        ``exhausted`` (the sampler only proposes values that were tried already)."""
         deadline = self.study_run.deadline
         try:
             if not self.space.varies_data:
                 self.data.get(TrainConfig(**self.base))  # data errors surface before any trial is created
-            waited = False
+            waited, repeats = False, 0
             while True:
                 if deadline is not None and time.time() >= deadline:
                     return "timeout"
@@ -170,6 +177,11 @@ class Worker:
                     self.view.update(self.study.get_trials(deepcopy=False))
                 if status == "interrupted":
                     return "interrupted"
+                repeats = repeats + 1 if status == "duplicate" else 0
+                if repeats >= MAX_REPEATS:
+                    self.console.print(f"The sampler proposed {repeats} tried configurations in a row: the space has "
+                                       "(almost) no untried ones left; stopping.", highlight=False)
+                    return "exhausted"
         except KeyboardInterrupt:
             return "interrupted"
 
@@ -202,6 +214,8 @@ class Worker:
             self._finish(trial, run.get("id"), TrialState.FAIL, reason=REASON_INTERRUPTED)
             return "interrupted"
         except AllconvError as exc:  # a user error (data, config): every further trial would fail the same way
+            with contextlib.suppress(Exception):  # it takes no place among --trials; the search stops
+                trial.set_user_attr(USER_ERROR_ATTR, True)
             self._finish(trial, run.get("id"), TrialState.FAIL, reason=str(exc))
             raise
         except Exception as exc:  # this trial's problem (e.g. out of memory): record it, the study goes on
@@ -220,6 +234,12 @@ class Worker:
             trial.set_user_attr("retry_of", retry_of)
             trial.set_user_attr("reason", "")
         values = self.space.sample(trial, self.base)
+        repeated = repeated_trial(self.study, trial)
+        if repeated is not None:  # another trial has (or is training) these values: never train them twice
+            trial.set_user_attr(DUPLICATE_ATTR, repeated)
+            trial.set_user_attr("reason", f"repeats trial {repeated}'s values: not trained, not counted")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return "duplicate"
         cfg = TrainConfig(**{**self.base, **values})
         data = self.data.get(cfg)
         tags = {
