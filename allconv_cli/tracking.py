@@ -78,8 +78,21 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+def check_local_store() -> None:
+    """MLflow's SQLite store in a folder this user cannot write (a read-only or foreign-owned Docker mount): MLflow
+    would retry for minutes and end in a traceback, so say it at once."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        folder = Path(uri.removeprefix("sqlite:///").split("?")[0]).absolute().parent
+        if not os.access(folder, os.W_OK):
+            raise AllconvError(f"cannot write MLflow's store {uri}: {folder} is read-only or not writable by this "
+                               "user; run in a writable folder (Docker: mount it read-write, owned by the container's "
+                               "user or with --user \"$(id -u):$(id -g)\"), or set MLFLOW_TRACKING_URI")
+
+
 def experiment_id(name: str) -> str:
     """Get or create an experiment by name; safe when several processes create it at once."""
+    check_local_store()
     mlc = client()
     found = retrying(mlc.get_experiment_by_name, name)
     if found is not None:
@@ -138,6 +151,7 @@ def start_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update(tags or {})
+    check_local_store()
     mlc = client()
     run = retrying(mlc.create_run, experiment_id(experiment), tags=all_tags, run_name=run_name)
     run_id = run.info.run_id
