@@ -18,7 +18,7 @@
 # DOCKER_TEST_DEBIAN_IMAGE: an existing Debian bookworm image instead of debootstrap (e.g. debian:bookworm where a
 # registry is reachable). Pip in the test builds uses the host's http(s) PIP_INDEX_URL / PIP_EXTRA_INDEX_URL, proxy
 # variables, and trusts the host's CA bundle (test images only; never the project's Dockerfile).
-set -euo pipefail
+set -eEuo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
@@ -57,6 +57,7 @@ compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f tests/docker/
 cleanup() {
     local code=$?
     set +e
+    trap - ERR
     if [ -n "$OK" ] || [ -z "${DOCKER_TEST_KEEP:-}" ]; then
         if [ -n "$STACK_UP" ]; then
             compose logs --no-color > "$LOGS/compose.log" 2>&1
@@ -69,6 +70,10 @@ cleanup() {
             rm -rf "$SCRATCH"
         fi
         docker image prune -f --filter label=allconv.test=1 > /dev/null 2>&1
+        # anonymous /work volumes of containers that compose replaced or scaled away (the image declares the volume)
+        for v in $(docker volume ls -q --filter dangling=true 2> /dev/null); do
+            grep -q -x -F "$v" "$LOGS/volumes-before" 2> /dev/null || docker volume rm "$v" > /dev/null 2>&1
+        done
     else
         say "kept for inspection (DOCKER_TEST_KEEP): project $PROJECT, folders $SCRATCH"
     fi
@@ -78,6 +83,7 @@ cleanup() {
         kill -9 "$DOCKERD_PID" 2> /dev/null
         say "stopped the dockerd this test started (pid $DOCKERD_PID)"
     fi
+    [ "$OK" = passed ] || [ -z "$TIMES" ] || say "times: ${TIMES#, }"
     if [ "$OK" = passed ] || [ "$OK" = skipped ]; then
         rm -rf "$LOGS"
     else
@@ -86,6 +92,9 @@ cleanup() {
     exit "$code"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'say "FAILED at line $LINENO: $BASH_COMMAND"' ERR
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. the engine
@@ -116,6 +125,7 @@ elif command -v docker-compose > /dev/null; then
 else
     fail "no Docker Compose (Compose v2 plugin or docker-compose; Debian: apt-get install docker-compose)"
 fi
+docker volume ls -q --filter dangling=true > "$LOGS/volumes-before"
 say "engine: Docker $(docker version -f '{{.Server.Version}}'), $("${COMPOSE[@]}" version --short 2>/dev/null || echo compose)"
 timed engine "$(since "$t")"
 
@@ -135,7 +145,7 @@ net_args() {
 pip_setting() {  # an http(s) index setting of the host's pip, from the environment or its config
     local value="${!1:-}"
     if [ -z "$value" ] && command -v pip3 > /dev/null; then value=$(pip3 config get "global.$2" 2> /dev/null || true); fi
-    printf '%s' "$value" | tr ' ' '\n' | grep -E '^https?://' | tr '\n' ' ' | sed 's/ $//'
+    printf '%s' "$value" | tr ' ' '\n' | { grep -E '^https?://' || true; } | tr '\n' ' ' | sed 's/ $//'
 }
 
 t=$(date +%s)
@@ -244,7 +254,7 @@ docker logs "$c_train" > "$LOGS/train.log" 2>&1
 if grep -q -E "GitPython|Failed to import Git" "$LOGS/train.log"; then
     show_log "$LOGS/train.log"; fail "the train output has GitPython's warning"
 fi
-owners=$(find "$train_dir" -mindepth 1 -printf '%u\n' | sort -u | tr '\n' ' ')
+owners=$(find "$train_dir" -mindepth 1 -printf '%U\n' | sort -u | tr '\n' ' ')
 [ "$owners" = "1000 " ] || fail "files in the mounted folder belong to '$owners', expected uid 1000 only"
 # check_run USER FOLDER STATUS...: the MLflow runs in FOLDER, read in a container as USER
 check_run() {
@@ -275,18 +285,16 @@ say "ok   uid 4242, docker stop mid-training: stopped in ${stop_s}s, exit 130, r
 
 ro_dir=$(folder_for 1000 read-only)
 s=$(date +%s)
-set +e
+code=0
 docker run --rm -e ALLCONV_FAKE_SIZES=300,100 -v "$ro_dir:/work:ro" "$IMAGE" "${TRAIN[@]}" --subset 200 --epochs 1 \
-    > "$LOGS/read-only.log" 2>&1
-code=$?
-set -e
+    > "$LOGS/read-only.log" 2>&1 || code=$?
 lines=$(grep -c -v -E '^\s*$' "$LOGS/read-only.log" || true)
 if [ "$code" != 2 ] || [ "$lines" != 1 ] || ! grep -q '^Error: ' "$LOGS/read-only.log"; then
     show_log "$LOGS/read-only.log" 8
     fail "a read-only /work: exit $code with $lines lines after $(since "$s")s, expected one 'Error:' line and exit 2"
 fi
 [ -z "$(ls -A "$ro_dir")" ] || fail "the read-only run left files"
-say "ok   read-only /work: exit 2 in $(since "$s")s: $(cat "$LOGS/read-only.log")"
+say "ok   read-only /work: exit 2 in $(since "$s")s: $(grep -v -E '^\s*$' "$LOGS/read-only.log")"
 timed runs "$(since "$t")"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,7 +355,7 @@ check_study() {
     local code=0
     compose run --rm --no-deps -T -v "$ROOT/tests/docker:/checks:ro" --entrypoint python worker-cpu \
         /checks/check_study.py "$@" > "$LOGS/check-study.log" 2>&1 || code=$?
-    grep -v -E ' INFO |^Creating ' "$LOGS/check-study.log" | sed 's/^/    /' || true
+    grep -v -E ' INFO |^Creating |^[0-9]+$' "$LOGS/check-study.log" | sed 's/^/    /' || true
     return "$code"
 }
 study_ok=0

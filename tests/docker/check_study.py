@@ -23,6 +23,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 SURPLUS = "allconv.surplus"  # a trial created past the target by a racing worker, told FAIL before it trained
 
 
@@ -46,10 +47,11 @@ def main(study_name: str, expected: int, experiment: str = "allconv") -> int:
           f"{len(trials) - len(counted)} surplus")
     workers = {t.user_attrs.get("worker") for t in counted}
     check(len(workers) > 1, f"the trials were shared by the workers: {len(workers)} worker(s) ran them")
-    configs = {json.dumps(t.params, sort_keys=True) for t in counted}
-    check(len(configs) == len(counted),
-          f"{len(counted)} distinct configurations sampled: {len(configs)} distinct "
-          f"(params of trials {[t.number for t in counted]}: {[t.params.get('lr') for t in counted]} for lr)")
+    configs: dict[str, list[int]] = {}
+    for t in counted:
+        configs.setdefault(json.dumps(t.params, sort_keys=True), []).append(t.number)
+    check(len(configs) == len(counted), f"{len(counted)} distinct configurations sampled: {len(configs)} distinct "
+          f"(trials with the same parameters: {[n for n in configs.values() if len(n) > 1]})")
 
     mlc = MlflowClient()
     exp = mlc.get_experiment_by_name(experiment)

@@ -19,7 +19,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     db="${POSTGRES_DB:-$user}"
     pwfile="$(mktemp)"
     printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
-    initdb -D "$PGDATA" -U "$user" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    initdb -D "$PGDATA" -U "$user" --pwfile="$pwfile" --encoding=UTF8 --locale=C --auth-local=trust \
+        --auth-host=scram-sha-256 >/dev/null
     rm -f "$pwfile"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
     # A private socket folder and no TCP while initialising: health checks see the server only when it is done.
