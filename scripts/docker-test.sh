@@ -312,9 +312,18 @@ compose up -d --no-build --scale worker-cpu=3 postgres mlflow worker-cpu > "$LOG
     || { show_log "$LOGS/compose-up.log"; fail "compose up failed"; }
 up_s=$(since "$t")
 mlflow_port=$(compose port mlflow 5000 | sed 's/.*://')
-docker run --rm --network host --entrypoint python "$IMAGE" -c \
-    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$mlflow_port/health', timeout=10)" \
-    || fail "the MLflow server is not reachable on its published port"
+# From the host, through the published port (a few tries: the workers' start-up keeps the CPUs busy).
+docker run --rm --network host --entrypoint python "$IMAGE" -c "if 1:
+    import time, urllib.request
+    for attempt in range(6):
+        try:
+            urllib.request.urlopen('http://127.0.0.1:$mlflow_port/health', timeout=15)
+            break
+        except OSError as exc:
+            print(f'health check {attempt + 1}: {exc}')
+            time.sleep(5)
+    else:
+        raise SystemExit(1)" || fail "the MLflow server is not reachable on its published port"
 say "ok   stack up in ${up_s}s (postgres healthy, mlflow healthy on 127.0.0.1:$mlflow_port, 3 workers)"
 
 mapfile -t workers < <(compose ps -q worker-cpu)
