@@ -417,7 +417,7 @@ down_s=$(since "$s")
 left=$(docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT" | wc -l)
 [ "$left" = 0 ] || fail "compose down -v left $left volumes"
 say "ok   down -v in ${down_s}s, volumes removed"
-timed compose "$(since "$t") (study ${study_s}s)"
+timed compose "$(since "$t")" "study ${study_s}s"
 [ "$study_ok" = 0 ] || fail "the compose study's checks failed (above)"
 
 OK=passed
