@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo lint bench-search
+.PHONY: install test test-fast demo lint bench-search docker-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,3 +34,8 @@ bench-search: install
 	rm -rf $(BENCH_DIR) && mkdir -p $(BENCH_DIR)
 	cd $(BENCH_DIR) && $(abspath $(VENV))/bin/allconv search --model A --branch strided --device cpu \
 		--data-dir $(abspath $(DATA_DIR)) --subset 2000 --val-size 1000 --test-size 2000 --epochs 2 --trials 6
+
+# The Dockerfile and docker-compose.yml built and run for real (scripts/docker-test.sh; needs no .venv): skipped with
+# the reason where no Docker engine can run.
+docker-test:
+	bash scripts/docker-test.sh

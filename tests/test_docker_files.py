@@ -4,7 +4,8 @@ What can be checked here is checked against the real thing: the image's entrypoi
 script, its dependency step against pyproject.toml, the compose commands against the real ``allconv`` and
 ``mlflow server`` click parsers, the compose wiring (URLs, ports, databases, volumes) against itself and against
 ``scripts/services.py`` (the same start-up sequence as plain processes, which tests/test_services.py runs), and the
-worker entrypoint script by running it. Building the image and running containers is not checked here.
+worker entrypoint script by running it. Building the image and running containers is `make docker-test`
+(scripts/docker-test.sh), which needs a Docker engine.
 """
 
 from __future__ import annotations
@@ -151,10 +152,17 @@ def test_entrypoint_is_the_console_script() -> None:
     assert isinstance(allconv_main, click.Group)
 
 
+def pin(name: str) -> str:
+    (version,) = [d.split("==")[1] for d in PYPROJECT["project"]["dependencies"] if d.startswith(f"{name}==")]
+    return version
+
+
 def test_base_image_is_cuda_pytorch_and_user_is_not_root() -> None:
     args = dict(a.split("=", 1) for a in instructions("ARG") if "=" in a)
     base = args["BASE_IMAGE"]
     assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
+    # The official image's tag is its torch version: the one pyproject.toml pins, so the build installs no other.
+    assert base.split(":")[1].split("-")[0] == pin("torch"), f"{base} does not ship torch=={pin('torch')}"
     assert instructions("FROM") == ["${BASE_IMAGE}"]
     users = instructions("USER")
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
@@ -165,7 +173,8 @@ def test_base_image_is_cuda_pytorch_and_user_is_not_root() -> None:
 
 def test_image_installs_the_package_with_its_pinned_dependencies(tmp_path: Path) -> None:
     runs = instructions("RUN")
-    assert any(re.search(r"pip install \.(\s|$)", r) for r in runs), "the package is installed with `pip install .`"
+    assert any(re.search(r"pip install --no-deps \.(\s|$)", r) for r in runs), \
+        "the package is installed with `pip install --no-deps .` after its dependency layer"
     assert any("allconv --version" in r for r in runs), "the build checks that the console script runs"
     # The dependency layer: run its requirements one-liner for real and compare with pyproject.toml.
     (step,) = [r for r in runs if "requirements.txt" in r and "pyproject.toml" in r]
@@ -175,6 +184,21 @@ def test_image_installs_the_package_with_its_pinned_dependencies(tmp_path: Path)
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == PYPROJECT["project"]["dependencies"]
     assert "torch==" in out.stdout, "torch is pinned through the package's dependencies"
+
+
+def test_image_keeps_the_base_images_torch(tmp_path: Path) -> None:
+    """The dependency step pins the torch and torchvision that the base image has (a constraints file), so pip keeps
+    them instead of downloading another build; run that one-liner here and compare with this environment."""
+    from importlib import metadata
+
+    (step,) = [r for r in instructions("RUN") if "requirements.txt" in r and "pyproject.toml" in r]
+    commands = [c.strip() for c in step.replace("\n", "").split(" && ")]  # Docker drops the "\\<newline>"s
+    (generate,) = [c for c in commands if c.endswith("> /tmp/constraints.txt")]
+    generate = generate.removesuffix("> /tmp/constraints.txt").replace("python ", f"{sys.executable} ", 1)
+    out = subprocess.run(["sh", "-c", generate], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [f"{d}=={metadata.version(d)}" for d in ("torch", "torchvision")]
+    (install,) = [c for c in commands if c.startswith("pip install")]
+    assert install.split() == ["pip", "install", "-c", "/tmp/constraints.txt", "-r", "/tmp/requirements.txt"]
 
 
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
@@ -216,7 +240,7 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
         return db
 
     mlflow_args = services["mlflow"]["command"]
-    mlflow_db = check_pg_url(option_value(mlflow_args, "--backend-store-uri"))
+    mlflow_db = check_pg_url(services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"])
     mlflow_port = int(option_value(mlflow_args, "--port"))
     assert option_value(mlflow_args, "--host") == "0.0.0.0"
     assert "--serve-artifacts" in mlflow_args
@@ -228,7 +252,7 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
     worker = services["worker"]
     args = worker["command"]
     assert args[0] == "search"
-    optuna_db = check_pg_url(option_value(args, "--storage"))
+    optuna_db = check_pg_url(worker["environment"]["ALLCONV_STORAGE"])
     assert optuna_db != mlflow_db
     tracking = urlsplit(worker["environment"]["MLFLOW_TRACKING_URI"])
     assert (tracking.scheme, tracking.hostname, tracking.port) == ("http", "mlflow", mlflow_port)
@@ -237,15 +261,20 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
         assert "healthcheck" in services[dep]
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
-    # GPU workers: replicas reserve NVIDIA devices; `--scale worker=N` multiplies them.
+    # GPU workers: replicas reserve NVIDIA devices; `--scale worker=N` multiplies them. `worker-cpu` (profile cpu) is
+    # the same service without the reservation (an override file cannot remove one), for CPU hosts and the CPU test.
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    cpu = services["worker-cpu"]
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
+    assert {k: v for k, v in cpu.items() if k != "profiles"} == {k: v for k, v in worker.items() if k != "deploy"}
+    assert [n for n, svc in services.items() if "deploy" in svc] == ["worker"], "GPU reservations only in `worker`"
     assert "container_name" not in worker, "a fixed container name would break --scale"
     assert "ports" not in worker, "published ports would clash between replicas"
 
     # Every named volume is declared, and mounted over a folder the image's non-root user owns.
     owned = " ".join(r for r in instructions("RUN") if "chown" in r)
-    for name in ("mlflow", "worker"):
+    for name in ("mlflow", "worker", "worker-cpu"):
         for vol in services[name].get("volumes", []):
             source, target = vol.split(":")[:2]
             if not source.startswith((".", "/")):
@@ -254,7 +283,7 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
 
 
 def test_compose_images_come_from_this_dockerfile(compose: dict) -> None:
-    for name in ("mlflow", "worker"):
+    for name in ("mlflow", "worker", "worker-cpu", "data"):
         service = compose["services"][name]
         assert service["build"] == "." and service["image"] == compose["services"]["worker"]["image"]
     assert compose["services"]["mlflow"]["entrypoint"] == ["mlflow"]
@@ -263,9 +292,13 @@ def test_compose_images_come_from_this_dockerfile(compose: dict) -> None:
                for r in instructions("RUN"))
 
 
-def test_compose_worker_command_parses_with_the_real_cli(compose: dict) -> None:
-    args = compose["services"]["worker"]["command"]
+def test_compose_worker_command_parses_with_the_real_cli(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = compose["services"]["worker"]
+    args = worker["command"]
+    for name, value in worker["environment"].items():
+        monkeypatch.setenv(name, value)
     ctx = parse_allconv(args)
+    assert ctx.params["storage_url"] == worker["environment"]["ALLCONV_STORAGE"], "--storage from ALLCONV_STORAGE"
     assert "@postgres:5432/" in ctx.params["storage_url"]
     help_text = search_command().get_help(click.Context(search_command(), info_name="search"))
     for arg in args:
@@ -289,9 +322,16 @@ def test_compose_commands_are_lists_of_strings(compose: dict) -> None:
 def test_compose_mlflow_command_parses_with_mlflow_and_matches_the_ci_sequence(compose: dict) -> None:
     from mlflow.cli import server as mlflow_server_command
 
-    args = compose["services"]["mlflow"]["command"]
+    mlflow = compose["services"]["mlflow"]
+    args = mlflow["command"]
     assert args[0] == "server"
-    mlflow_server_command.make_context("mlflow server", list(args[1:]))
+    ctx = mlflow_server_command.make_context("mlflow server", list(args[1:]))
+    # Options the server reads from its environment (the backend URI with the password) count as given.
+    given = {a for a in args if a.startswith("--")}
+    for param in mlflow_server_command.params:
+        if param.envvar and param.envvar in mlflow.get("environment", {}):
+            given.update(o for o in param.opts if o.startswith("--"))
+    assert set(mlflow["environment"]) <= {p.envvar for p in mlflow_server_command.params}, "unknown server variables"
     # scripts/services.py (what CI runs) starts the server with the same options, PostgreSQL-backed.
     from conftest import services
 
@@ -300,8 +340,9 @@ def test_compose_mlflow_command_parses_with_mlflow_and_matches_the_ci_sequence(c
     mlflow_server_command.make_context("mlflow server", list(ci_args))
     ci_flags = {a for a in ci_args if a.startswith("--")}
     assert {"--backend-store-uri", "--artifacts-destination", "--serve-artifacts", "--host", "--port"} <= ci_flags
-    assert ci_flags - {"--workers"} <= {a for a in args if a.startswith("--")}
+    assert ci_flags - {"--workers"} <= given
     assert urlsplit(option_value(ci_args, "--backend-store-uri")).scheme == "postgresql+psycopg"
+    assert ctx.params["host"] == "0.0.0.0"
 
 
 def test_compose_data_service_fills_the_workers_data_volume(compose: dict) -> None:
@@ -312,6 +353,58 @@ def test_compose_data_service_fills_the_workers_data_volume(compose: dict) -> No
     source = next(v.split(":")[0] for v in worker["volumes"] if v.split(":")[1] == data_dir)
     assert f"{source}:{data_dir}" in data["volumes"]
     assert f"'{data_dir}'" in " ".join(data["command"]) and "CIFAR10" in " ".join(data["command"])
+
+
+def test_compose_keeps_the_database_password_off_command_lines() -> None:
+    """`ps` on the host shows every container's command line: the password lives in the environment only."""
+    secret = "s3cret-Pw"
+    services = load_compose({"POSTGRES_PASSWORD": secret})["services"]
+    for name, service in services.items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            assert secret not in json.dumps(service.get(key)), f"{name}.{key} holds the password"
+    assert secret in services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert secret in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert secret in services["worker"]["environment"]["ALLCONV_STORAGE"]
+
+
+def test_compose_workers_stop_on_a_user_error_and_everything_stops_promptly(compose: dict) -> None:
+    """A user error (exit 2) fails the same way on every start: the restarts are bounded. The image's stop signal is
+    SIGINT, which allconv and `mlflow server` act on even as PID 1 (SIGTERM would wait for the kill), and docker-init
+    forwards it in the services."""
+    assert instructions("STOPSIGNAL") == ["SIGINT"]
+    services = compose["services"]
+    for name in ("worker", "worker-cpu"):
+        policy = services[name]["restart"]
+        m = re.fullmatch(r"on-failure:(\d+)", policy)
+        assert policy == "no" or (m and 1 <= int(m.group(1)) <= 5), f"{name}: restart {policy!r} is unbounded"
+        assert services[name]["stop_grace_period"], "a trial needs time to checkpoint and re-queue"
+    for name in ("mlflow", "worker", "worker-cpu", "data"):
+        assert services[name]["init"] is True, f"{name}: no init to forward the stop signal"
+
+
+def test_compose_file_suits_compose_v1_and_v2(compose: dict) -> None:
+    """docker-compose 1.29 (Debian's) rejects a top-level `name:`; the file's other keys are in both."""
+    assert set(compose) <= {"services", "volumes", "x-allconv", "x-worker"}, set(compose)
+    assert compose["services"]["mlflow"]["ports"] == ["5000:5000"]
+    published = load_compose({"MLFLOW_PORT": "127.0.0.1:0"})["services"]["mlflow"]["ports"]
+    assert published == ["127.0.0.1:0:5000"], "MLFLOW_PORT picks the host address and port"
+
+
+def test_docker_test_override_changes_only_images_and_the_study(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make docker-test` runs docker-compose.yml with tests/docker/compose.test.yml: local images and a tiny study,
+    everything else (wiring, environment, restart and stop settings) as shipped."""
+    override = yaml.safe_load((ROOT / "tests" / "docker" / "compose.test.yml").read_text())
+    allowed = {"postgres": {"image"}, "mlflow": {"image"}, "worker-cpu": {"image", "command", "environment"}}
+    for name, service in override["services"].items():
+        assert set(service) <= allowed.get(name, set()), (name, set(service))
+    args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in override["services"]["worker-cpu"]["command"]]
+    worker_env = load_compose()["services"]["worker-cpu"]["environment"]
+    for name, value in worker_env.items():
+        monkeypatch.setenv(name, value)
+    ctx = parse_allconv(args)
+    assert (ctx.params["dataset"], ctx.params["trials"], ctx.params["workers"]) == ("fake", 6, 1)
+    assert (ROOT / "scripts" / "docker-test.sh").is_file()
+    assert re.search(r"^docker-test:.*\n\t.*scripts/docker-test\.sh", (ROOT / "Makefile").read_text(), re.M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
