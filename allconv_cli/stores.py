@@ -89,7 +89,7 @@ def check_tracking_store(write: bool = True) -> str:
         check_server(uri)
     elif uri.startswith("sqlite:"):
         check_sqlite_writable(uri, "the MLflow database", fix)
-        check_writable_dir(Path.cwd() / "mlruns", "MLflow artifacts", fix)  # MLflow's default artifact root
+        check_writable_dir(Path.cwd() / "mlruns", "the MLflow artifact location", fix)  # MLflow's default root
     elif path is not None:
         check_writable_dir(path, "the MLflow store", fix)
     return uri
