@@ -19,9 +19,9 @@ from allconv_cli import paper
 from allconv_cli.errors import AllconvError
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
-INITS = ("xavier", "kaiming", "gaussian", "torch")
+INITS = ("xavier", "xavier-caffe", "gaussian", "kaiming", "torch")
 DATASETS = ("cifar10", "cifar100", "fake")
-PREPROCESSINGS = ("gcn-zca", "standardize", "none")
+PREPROCESSINGS = ("gcn-zca", "gcn-zca-coates", "standardize", "none")
 AUGMENTATIONS = ("none", "flip-translate")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ENV_FAKE_SIZES = "ALLCONV_FAKE_SIZES"
@@ -127,7 +127,11 @@ class TrainConfig:
     test_size: int | None = _field(
         None, "Test on a stratified N-image part of the test set (quick runs) [default: all of it].", "data", low=1,
         sampleable=False)
-    preprocess: str = _field("gcn-zca", "Preprocessing fitted on the training part.", "data", choices=PREPROCESSINGS)
+    preprocess: str = _field(
+        "gcn-zca", "Fitted on the training part. gcn-zca: the paper's data, as pylearn2 made it (each image centred "
+        "and scaled to L2 norm 55, then ZCA with filter bias 0.1); gcn-zca-coates: Coates et al.'s GCN "
+        "((x - mean) / sqrt(10 + var)), then the same ZCA; standardize: per-channel mean/std; none: x / 255.",
+        "data", choices=PREPROCESSINGS)
     seed: int = _field(0, "Seed of the split, the init, dropout and batch order.", "data", low=0, high=SEED_MAX)
     # execution
     device: str = _field("auto", "auto, cpu, cuda or cuda:N.", "execution")

@@ -1,89 +1,35 @@
 """The paper's twelve CIFAR networks, generated from one declarative table.
 
 Tables 1 and 2 of the paper describe three base networks (A, B, C) and four ways of treating their two pooling
-layers (the "branches"). ``BASE_LAYERS`` holds the bases as layer tokens, ``layer_plan`` applies a branch to a base, and
-``build`` turns the plan into modules: every layer is its own module object, so no weights are shared by accident
-(one of the 2020 reproduction's bugs). The nets speak timm's model API (forward_features/forward_head,
-reset_classifier, feature_info, pretrained_cfg), so ``timm.create_model("allconv_c_allcnn")`` gives what timm users
-expect; timm itself is imported only by :func:`register_timm`.
+layers (the "branches"). The torch-free :mod:`.architectures` holds them as a layer table (``BASE_LAYERS``,
+``layer_plan``), and ``build`` turns a plan into modules: every layer is its own module object, so no weights are
+shared by accident (one of the 2020 reproduction's bugs). The nets speak timm's model API
+(forward_features/forward_head, reset_classifier, feature_info, pretrained_cfg), so
+``timm.create_model("allconv_c_allcnn")`` gives what timm users expect; timm itself is imported only by
+:func:`register_timm`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from allconv_cli.architectures import (  # noqa: F401  (the layer table, re-exported: models.layer_plan etc.)
+    ARCHITECTURES,
+    BASE_LAYERS,
+    CLASSIFIER,
+    LayerSpec,
+    layer_plan,
+    param_count,
+)
 from allconv_cli.config import INITS
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import BASES, BRANCHES, TABLE3, registry_name
-
-# Table 1: one token per layer. "convK-C" is a KxK conv with C output channels, "same" padded; "pool" is the
-# 3x3 max-pool with stride 2 that the branches rewrite.
-BASE_LAYERS: dict[str, tuple[str, ...]] = {
-    "A": ("conv5-96", "pool", "conv5-192", "pool"),
-    "B": ("conv5-96", "conv1-96", "pool", "conv5-192", "conv1-192", "pool"),
-    "C": ("conv3-96", "conv3-96", "pool", "conv3-192", "conv3-192", "pool"),
-}
-# Shared by all bases: the unpadded 3x3 conv (8x8 -> 6x6), a 1x1 conv, a 1x1 conv to the classes, global average.
-CLASSIFIER: tuple[str, ...] = ("conv3-192-valid", "conv1-192", "conv1-classes")
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer of a plan. ``out == 0`` means "num_classes"."""
-
-    kind: str  # conv | pool | dropout | gap
-    kernel: int = 0
-    out: int = 0
-    stride: int = 1
-    padded: bool = True
-    dropout: str = ""  # "input" or "hidden" for dropout layers
-    head: bool = False  # the last conv, whose ReLU is optional
-
-
-def _conv(token: str) -> LayerSpec:
-    _, kernel, out, *flags = token.replace("conv", "conv-", 1).split("-")
-    return LayerSpec(
-        "conv",
-        kernel=int(kernel),
-        out=0 if out == "classes" else int(out),
-        padded="valid" not in flags,
-        head=out == "classes",
-    )
-
-
-def layer_plan(base: str, branch: str) -> list[LayerSpec]:
-    """The layers of network ``base`` (A, B, C) in variant ``branch``, as Table 2 describes them."""
-    base = base.upper()
-    if base not in BASES:
-        raise AllconvError(f"unknown model base {base!r}: choose one of {', '.join(BASES)}")
-    if branch not in BRANCHES:
-        raise AllconvError(f"unknown branch {branch!r}: choose one of {', '.join(BRANCHES)}")
-    plan = [LayerSpec("dropout", dropout="input")]
-    for token in BASE_LAYERS[base]:
-        if token != "pool":
-            plan.append(_conv(token))
-            continue
-        channels = plan[-1].out
-        if branch == "model":
-            plan.append(LayerSpec("pool", kernel=3, stride=2))
-        elif branch == "strided":  # drop the pool, the conv before it strides instead
-            plan[-1] = dataclasses.replace(plan[-1], stride=2)
-        elif branch == "convpool":  # an extra conv so that the parameter count matches allcnn
-            plan += [LayerSpec("conv", kernel=3, out=channels), LayerSpec("pool", kernel=3, stride=2)]
-        else:  # allcnn: a strided conv learns the pooling
-            plan.append(LayerSpec("conv", kernel=3, out=channels, stride=2))
-        plan.append(LayerSpec("dropout", dropout="hidden"))
-    plan += [_conv(token) for token in CLASSIFIER]
-    plan.append(LayerSpec("gap"))
-    return plan
 
 
 class ConvBlock(nn.Module):
@@ -207,20 +153,36 @@ def _classifier(cin: int, num_classes: int, *, bn: bool, relu: bool) -> nn.Modul
 
 
 def _init_weights(model: nn.Module, init: str, std: float) -> None:
-    """Scaled initialisation: PyTorch's default keeps the paper's net stuck at chance without BN."""
+    """Initialise every conv of ``model`` by scheme ``init`` (the paper states none; config.py's ``init`` help says
+    which is ours and why). With fan_in = C_in K K and fan_out = C_out K K:
+
+    - ``xavier``: PyTorch's Xavier/Glorot uniform, fan average: U(+-sqrt(6 / (fan_in + fan_out))); biases 0.
+    - ``xavier-caffe``: Caffe's "xavier" filler (its default variance_norm FAN_IN), the Caffe All-CNN recipe's:
+      U(+-sqrt(3 / fan_in)); biases 0 (Caffe's constant filler).
+    - ``gaussian``: N(0, std) for weights and biases, as the neon/TensorFlow All-CNN-C port (std 0.05).
+    - ``kaiming``: He normal for ReLU, N(0, 2 / fan_in); biases 0.
+    - ``torch``: PyTorch's default (U(+-1 / sqrt(fan_in)) for weights and biases), left as built.
+    """
     if init not in INITS:
         raise AllconvError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
     if init == "torch":
         return
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            if init == "xavier":
-                nn.init.xavier_uniform_(module.weight)
-            elif init == "kaiming":
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if not isinstance(module, nn.Conv2d):
+            continue
+        if init == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        elif init == "xavier-caffe":
+            bound = (3.0 / module.weight[0].numel()) ** 0.5  # weight (C_out, C_in, K, K): one filter is fan_in values
+            nn.init.uniform_(module.weight, -bound, bound)
+        elif init == "kaiming":
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        else:
+            nn.init.normal_(module.weight, 0.0, std)
+        if module.bias is not None:
+            if init == "gaussian":
+                nn.init.normal_(module.bias, 0.0, std)
             else:
-                nn.init.normal_(module.weight, 0.0, std)
-            if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
 
@@ -284,11 +246,9 @@ def parse_name(name: str) -> tuple[str, str]:
     return base.upper(), branch
 
 
-# The twelve networks: (base, branch) -> registry name.
-ARCHITECTURES: dict[tuple[str, str], str] = {(b, br): registry_name(b, br) for b in BASES for br in BRANCHES}
-
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of a built module (:func:`allconv_cli.architectures.param_count` gives a network's without torch)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -299,6 +299,45 @@ def test_cache_rejects_torn_or_foreign_files(real: Dataset, zca_cache: Path, tmp
     assert torch.equal(preprocess.load_cached(torn, key, eps).mean, real.preprocessor.mean)
 
 
+@pytest.mark.unit
+def test_gcn_variants_are_keyed_apart_and_old_bundles_keep_their_gcn(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GCN variant has its own cache file and data fingerprint, and comes back from the cache as itself; a
+    transform saved before the version was recorded (v1, when gcn-zca was Coates' GCN) comes back as gcn-zca-coates,
+    the maths it was fitted with. (The eigendecomposition is replaced by an identity W: only the keying is tested.)"""
+    assert PREPROCESSINGS[:2] == ("gcn-zca", "gcn-zca-coates") == preprocess.ZCA_KINDS
+    assert preprocess.GCN["gcn-zca"] == preprocess.GcnParams(scale=55.0, use_std=False, sqrt_bias=0.0)
+    fitted = []
+
+    def identity_fit(images: np.ndarray, epsilon: float, device: object = None, kind: str = "gcn-zca"
+                     ) -> preprocess.Preprocessor:
+        fitted.append(kind)
+        return preprocess.Preprocessor(kind, mean=torch.zeros(3072), whitening=torch.eye(3072), epsilon=epsilon)
+
+    monkeypatch.setattr(preprocess, "fit_zca", identity_fit)
+    fake = DataConfig(dataset="fake", fake_train_size=300, fake_test_size=100, val_size=100, cache_dir=str(tmp_path))
+    prints = set()
+    for _ in range(2):  # the second round reads both fits from the cache
+        for kind in preprocess.ZCA_KINDS:
+            data = load_dataset(dataclasses.replace(fake, preprocess=kind))
+            assert data.preprocessor.kind == kind
+            prints.add(data.fingerprint)
+    assert fitted == ["gcn-zca", "gcn-zca-coates"] and len(prints) == 2
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "preprocess").iterdir())
+    assert names == ["gcn-zca", "gcn-zca-coates"]
+
+    w, mean, raw = torch.eye(3072), torch.zeros(3072), make_fake(10, 10, 0)[0]
+    legacy = preprocess.Preprocessor.from_fields({"kind": "gcn-zca", "mean": mean, "std": None, "whitening": w,
+                                                  "epsilon": 0.1})
+    assert (legacy.kind, legacy.version) == ("gcn-zca-coates", 1)
+    current = preprocess.Preprocessor("gcn-zca", mean=mean, whitening=w, epsilon=0.1)
+    again = preprocess.Preprocessor.from_fields({f.name: getattr(current, f.name)
+                                                 for f in dataclasses.fields(preprocess.Preprocessor)})
+    assert (again.kind, again.version) == ("gcn-zca", preprocess.PREPROCESS_VERSION)
+    assert torch.equal(legacy.apply(raw), preprocess.Preprocessor("gcn-zca-coates", mean=mean, whitening=w).apply(raw))
+    assert not torch.allclose(legacy.apply(raw), again.apply(raw))
+
+
 # ---------------------------------------------------------------------------------------------------------- fake data
 
 

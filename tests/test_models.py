@@ -109,6 +109,54 @@ def test_inits(init: str) -> None:
         assert weight.abs().max().item() <= bound and weight.std().item() > bound / 3
 
 
+# init -> (weight distribution, its std from fan_in/fan_out/--init-std, bias std or None for zeros)
+INIT_LAWS = {
+    "xavier": ("uniform", lambda fi, fo, std: (2.0 / (fi + fo)) ** 0.5, None),  # U(+-sqrt(6/(fi+fo))): var 2/(fi+fo)
+    "xavier-caffe": ("uniform", lambda fi, fo, std: (1.0 / fi) ** 0.5, None),  # U(+-sqrt(3/fi)): var 1/fi
+    "gaussian": ("normal", lambda fi, fo, std: std, "std"),  # the neon/TF port: N(0, std) weights and biases
+    "kaiming": ("normal", lambda fi, fo, std: (2.0 / fi) ** 0.5, None),
+    "torch": ("uniform", lambda fi, fo, std: (1.0 / (3 * fi)) ** 0.5, "torch"),  # U(+-1/sqrt(fi)), biases too
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("init", models.INITS)
+@pytest.mark.parametrize("base", ["A", "C"])
+def test_init_statistics_follow_the_formula(init: str, base: str) -> None:
+    """Every conv's weight std equals its scheme's formula within 5 standard errors of a sample std (SE = std x
+    sqrt((kurtosis - 1) / 4n): kurtosis 1.8 uniform, 3 normal), mean 0 within 5 SE; uniform weights within the
+    bound; biases as the scheme says. All-CNN-A (5x5 convs) and -C (3x3): 16 layers of fan_in 27 to 4,800."""
+    assert set(INIT_LAWS) == set(models.INITS)
+    law, std_of, bias_law = INIT_LAWS[init]
+    torch.manual_seed(1)
+    std_setting = 0.03
+    model = models.build(base, "allcnn", init=init, init_std=std_setting)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == sum(spec.kind == "conv" for spec in models.layer_plan(base, "allcnn"))  # 7 in A, 9 in C
+    biases, bias_expected = [], []
+    for conv in convs:
+        w = conv.weight.detach().double()
+        fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+        expected = std_of(fan_in, fan_out, std_setting)
+        n = w.numel()
+        se = expected * (((1.8 if law == "uniform" else 3.0) - 1) / (4 * n)) ** 0.5
+        assert abs(w.std().item() - expected) < 5 * se, (conv, w.std().item(), expected)
+        assert abs(w.mean().item()) < 5 * expected / n**0.5
+        if law == "uniform":
+            assert w.abs().max().item() <= expected * 3**0.5 * (1 + 1e-6)
+        biases.append(conv.bias.detach().double())
+        bias_expected.append(torch.full_like(biases[-1], 1.0 / (3 * fan_in) ** 0.5))
+    bias = torch.cat(biases)
+    if bias_law is None:
+        assert not bias.any()
+    else:  # pooled over the layers (1,066 biases in C), each scaled to its own expected std
+        scale = torch.full_like(bias, std_setting) if bias_law == "std" else torch.cat(bias_expected)
+        z = bias / scale
+        n = len(z)
+        kurtosis = 3.0 if bias_law == "std" else 1.8
+        assert abs(z.pow(2).mean().sqrt().item() - 1) < 5 * ((kurtosis - 1) / (4 * n)) ** 0.5
+
+
 @pytest.mark.unit
 def test_bad_names_raise_clear_errors() -> None:
     with pytest.raises(AllconvError, match="'D'"):

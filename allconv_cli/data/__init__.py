@@ -20,6 +20,7 @@ from allconv_cli.data.fake import make_fake
 from allconv_cli.data.preprocess import (
     DEFAULT_ZCA_EPSILON,
     PREPROCESS_VERSION,
+    ZCA_KINDS,
     Preprocessor,
     fit_preprocessor,
     preprocess_cache_dir,
@@ -60,14 +61,14 @@ class DataConfig:
     subset: int | None = None  # stratified N-image part of the training part, for quick runs
     val_size: int = 5000  # held-out validation split from the training set (0 = no validation split)
     test_size: int | None = None  # stratified N-image part of the test set, for quick runs (None: all of it)
-    preprocess: str = "gcn-zca"  # "gcn-zca" | "standardize" | "none"
+    preprocess: str = "gcn-zca"  # one of PREPROCESSINGS (config.py)
     seed: int = 0
     fake_train_size: int = 10000  # sizes of the synthetic dataset (room for the default 5,000-image val split)
     fake_test_size: int = 1000
     zca_epsilon: float = DEFAULT_ZCA_EPSILON
     download: bool = True
     cache_dir: str | None = None  # None -> env ALLCONV_CACHE_DIR, else ~/.cache/allconv; files go to <dir>/preprocess
-    use_cache: bool = True  # reuse/store the fitted gcn-zca transform on disk
+    use_cache: bool = True  # reuse/store the fitted GCN + ZCA transform on disk
 
 
 @dataclass
@@ -119,7 +120,7 @@ def _fingerprint(cfg: DataConfig, arrays: tuple[np.ndarray, ...]) -> str:
         h.update(memoryview(a).cast("B"))
     fields = {"dataset": cfg.dataset, "subset": cfg.subset, "val_size": cfg.val_size, "preprocess": cfg.preprocess,
               "seed": cfg.seed, "version": PREPROCESS_VERSION}
-    if cfg.preprocess == "gcn-zca":
+    if cfg.preprocess in ZCA_KINDS:
         fields["zca_epsilon"] = cfg.zca_epsilon
     if cfg.dataset == "fake":
         fields["fake"] = (cfg.fake_train_size, cfg.fake_test_size)

@@ -1,5 +1,6 @@
 """The paper's preprocessing (Goodfellow et al. 2013, as Springenberg et al. 2015 use it): global contrast
-normalisation, then ZCA whitening, fitted on the training part only; plus per-channel standardisation and none.
+normalisation, then ZCA whitening, fitted on the training part only, computed as pylearn2 computes it (tests check it
+against a transcription of pylearn2's code); plus Coates' GCN variant, per-channel standardisation and none.
 
 ZCA is fitted on the whole training part even when ``subset`` trains on fewer images: a 3072 x 3072 covariance from
 2,000 images is rank-deficient and unseen inputs would come out larger than the training ones (1.7x the mean squared
@@ -18,7 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,22 +37,40 @@ INPUT_DIM = 32 * 32 * 3
 ENV_CACHE_DIR = "ALLCONV_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/allconv"  # the fitted preprocessing goes to <cache dir>/preprocess
 
-# Global contrast normalisation as pylearn2's GlobalContrastNormalization(subtract_mean=True, use_std=True,
-# sqrt_bias=10, scale=1) on the 0..255 scale: x <- (x - mean(x)) / sqrt(10 + var(x)), per image, var with ddof=1 like
-# pylearn2. A normal image leaves with per-pixel variance ~1, the same units as the maxout CIFAR-10 script's
-# gcn=55 (every image scaled to L2 norm 55 = per-pixel RMS 0.99), so pylearn2's ZCA filter_bias carries over as is.
-# The sqrt_bias keeps near-uniform images (var ~0) from having their noise amplified to unit variance.
-GCN_SQRT_BIAS = 10.0
-GCN_SCALE = 1.0
-# pylearn2's ZCA(filter_bias=0.1), used by the maxout/All-CNN CIFAR-10 pipeline. Measured on the 45,000-image training
-# part of CIFAR-10 after GCN: eigenvalues run from 473 down to 4e-5 (about the uint8 quantisation-noise level; the
-# all-ones direction that GCN removes has ~0). The 763 above 0.1 hold 98.9 % of the variance and come out whitened
-# (variance s/(s+eps) >= 0.5; >= 0.91 for the 226 above 1); the rest are damped instead of amplified. Validation and
-# test inputs then have 1.03x the training inputs' mean squared norm (eps 1e-2: 1.06x, 1e-4: 1.14x, as a smaller eps
-# whitens more of the poorly estimated tail and amplifies pixel noise).
+
+@dataclass(frozen=True)
+class GcnParams:
+    """The arguments of pylearn2's ``global_contrast_normalize`` (pylearn2/expr/preprocessing.py), per image:
+    x <- (x - mean(x)) / (sqrt(sqrt_bias + spread) / scale), spread = sum(x^2) or var(x, ddof=1) if ``use_std``;
+    a divisor below ``min_divisor`` is replaced by 1 (a uniform image stays all zeros)."""
+
+    scale: float
+    use_std: bool
+    sqrt_bias: float
+    min_divisor: float = 1e-8
+
+
+# The GCN before ZCA, per --preprocess choice, on raw 0..255 pixels (3,072 values per image, CHW order).
+# gcn-zca: the paper's data (Goodfellow et al. 2013's maxout CIFAR-10, pylearn2's make_cifar10_gcn_whitened.py):
+#   CIFAR10(which_set, gcn=55.), i.e. global_contrast_normalize(X, scale=55.) with its other defaults: every image
+#   centred and scaled to L2 norm 55 (per-pixel RMS 0.99).
+# gcn-zca-coates: Coates, Lee & Ng (2011)'s variant (the one pylearn2's docstring names): (x - mean) / sqrt(10 + var);
+#   a normal image leaves with per-pixel variance ~1 too, and near-uniform ones are not amplified to it.
+GCN: dict[str, GcnParams] = {
+    "gcn-zca": GcnParams(scale=55.0, use_std=False, sqrt_bias=0.0),
+    "gcn-zca-coates": GcnParams(scale=1.0, use_std=True, sqrt_bias=10.0),
+}
+ZCA_KINDS: tuple[str, ...] = tuple(GCN)
+# pylearn2's ZCA() default filter_bias=0.1, as make_cifar10_gcn_whitened.py uses it: W = U diag(1/sqrt(s + 0.1)) U^T
+# from the eigendecomposition of cov + 0.1 I (cov = X^T X / N of the mean-centred training images). Measured on the
+# 45,000-image training part of CIFAR-10 after the paper's GCN: eigenvalues s run from 468 down to 0 (the all-ones
+# direction that GCN removes). The 758 above 0.1 hold 98.9 % of the variance and come out whitened (variance
+# s/(s+eps) >= 0.5; >= 0.91 for the 223 above 1); the rest are damped instead of amplified. Validation and test
+# inputs then have 1.04x and 1.03x the training inputs' mean squared norm.
 DEFAULT_ZCA_EPSILON = 0.1
 # Bump when the preprocessing maths change, so old cache entries and fingerprints are not reused.
-PREPROCESS_VERSION = 1
+# 1: gcn-zca was Coates' GCN (now gcn-zca-coates). 2: gcn-zca is pylearn2's gcn=55 GCN.
+PREPROCESS_VERSION = 2
 
 _ROWS_PER_CHUNK = 8192  # rows per matmul when fitting/applying: bounds the temporary memory to ~100 MB
 _COV_BLOCK = 768  # column block for the symmetric covariance (only the upper block triangle is computed)
@@ -61,8 +80,9 @@ _COV_BLOCK = 768  # column block for the symmetric covariance (only the upper bl
 class Preprocessor:
     """A fitted input transform from uint8 NHWC images to float32 NCHW network inputs.
 
-    ``gcn-zca``: ``mean`` (3072,) and ``whitening`` (3072, 3072) act on GCN-normalised images flattened in CHW order.
-    ``standardize``: ``mean`` and ``std`` (3,) per channel on the 0..1 scale. ``none``: x / 255.
+    ``gcn-zca`` and ``gcn-zca-coates`` (:data:`ZCA_KINDS`): ``mean`` (3072,) and ``whitening`` (3072, 3072) act on
+    images flattened in CHW order after that kind's GCN (:data:`GCN`). ``standardize``: ``mean`` and ``std`` (3,) per
+    channel on the 0..1 scale. ``none``: x / 255. ``version``: the :data:`PREPROCESS_VERSION` it was made under.
     """
 
     kind: str
@@ -70,6 +90,18 @@ class Preprocessor:
     std: torch.Tensor | None = None
     whitening: torch.Tensor | None = None
     epsilon: float | None = None
+    version: int = PREPROCESS_VERSION
+
+    @classmethod
+    def from_fields(cls, saved: dict[str, Any]) -> Preprocessor:
+        """Rebuild one from its saved fields (a logged model's bundle). Saved before the version was recorded (v1),
+        ``gcn-zca`` meant Coates' GCN: such a transform comes back as ``gcn-zca-coates``, which computes exactly it."""
+        saved = dict(saved)
+        if "version" not in saved:
+            saved["version"] = 1
+            if saved.get("kind") == "gcn-zca":
+                saved["kind"] = "gcn-zca-coates"
+        return cls(**saved)
 
     def apply(self, images: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
         """Transform uint8 (N, 32, 32, 3) images; the maths run on ``device`` (default CPU), the result is on the CPU.
@@ -82,14 +114,13 @@ class Preprocessor:
         if n == 0:
             return out
         flat_out = out.view(n, -1)
-        if self.kind == "gcn-zca":
+        if self.kind in GCN:
             assert self.mean is not None and self.whitening is not None
             dtype = _exact_dtype(dev)
-            w = self.whitening.to(dev, dtype)
-            bias = -(self.mean.to(dev, dtype) @ w)  # (x - mean) @ W == x @ W - mean @ W, without a centred copy
+            w, mean, params = self.whitening.to(dev, dtype), self.mean.to(dev, dtype), GCN[self.kind]
             for start in range(0, n, _ROWS_PER_CHUNK):
-                chunk = gcn(_to_float_chw(images[start : start + _ROWS_PER_CHUNK], dev, dtype))
-                flat_out[start : start + len(chunk)] = torch.addmm(bias, chunk, w).to("cpu", torch.float32)
+                chunk = gcn(_to_float_chw(images[start : start + _ROWS_PER_CHUNK], dev, dtype), params)
+                flat_out[start : start + len(chunk)] = (chunk.sub_(mean) @ w).to("cpu", torch.float32)  # pylearn2's
         elif self.kind == "standardize":
             assert self.mean is not None and self.std is not None
             mean, std = self.mean.to(dev).view(1, 3, 1), self.std.to(dev).view(1, 3, 1)
@@ -124,20 +155,28 @@ def _to_float_chw(images: np.ndarray, device: torch.device, dtype: torch.dtype =
     return x.permute(0, 3, 1, 2).reshape(len(images), -1).to(dtype)
 
 
-def gcn(x: torch.Tensor) -> torch.Tensor:
-    """Global contrast normalisation of flattened 0..255 images, per row: (x - mean) / sqrt(10 + var) (see above)."""
+def gcn(x: torch.Tensor, params: GcnParams) -> torch.Tensor:
+    """pylearn2's ``global_contrast_normalize`` (subtract_mean=True) of flattened 0..255 images, per row (see
+    :class:`GcnParams`); a new tensor of ``x``'s dtype."""
     x = x - x.mean(dim=1, keepdim=True)
-    return x * (GCN_SCALE / torch.sqrt(GCN_SQRT_BIAS + x.var(dim=1, keepdim=True, correction=1)))
+    # use_std: the variance with ddof=1, as pylearn2 (MATLAB's var, as Coates' code); else the squared L2 norm
+    spread = x.var(dim=1, keepdim=True, correction=1) if params.use_std else x.square().sum(dim=1, keepdim=True)
+    normalizers = torch.sqrt(params.sqrt_bias + spread) / params.scale
+    normalizers = torch.where(normalizers < params.min_divisor, torch.ones_like(normalizers), normalizers)
+    return x.div_(normalizers)
 
 
-def fit_zca(images: np.ndarray, epsilon: float, device: torch.device | str | None = None) -> Preprocessor:
-    """Fit GCN + ZCA on uint8 NHWC ``images``: W = U diag(1 / sqrt(s + eps)) U^T of their covariance.
+def fit_zca(images: np.ndarray, epsilon: float, device: torch.device | str | None = None, kind: str = "gcn-zca"
+            ) -> Preprocessor:
+    """Fit ``kind``'s GCN + ZCA on uint8 NHWC ``images`` exactly as pylearn2's ``ZCA(filter_bias=epsilon).fit``:
+    mean-centre, cov = X^T X / N, (s, U) = eigh(cov + eps I), W = U diag(1 / sqrt(s)) U^T; applied as (x - mean) W.
 
-    The covariance (biased, like pylearn2) is accumulated over row chunks with exact float32 matmuls (float64 on GPUs,
-    see :func:`_exact_dtype`) summed in float64, computing only the upper block triangle as it is symmetric; the
+    The covariance is accumulated over row chunks with exact float32 matmuls (float64 on GPUs, see
+    :func:`_exact_dtype`) summed in float64, computing only the upper block triangle as it is symmetric; the
     eigendecomposition is float64. Returns the float32 mean and W, which is what is applied and cached, so a fresh fit
     and a cached one give the same inputs.
     """
+    params = GCN[kind]
     dev = torch.device(device) if device is not None else torch.device("cpu")
     n = len(images)
     if n < 2:
@@ -147,7 +186,8 @@ def fit_zca(images: np.ndarray, epsilon: float, device: torch.device | str | Non
     dtype = _exact_dtype(dev)
     x = torch.empty((n, d), dtype=dtype, device=dev)
     for start in range(0, n, _ROWS_PER_CHUNK):
-        x[start : start + _ROWS_PER_CHUNK] = gcn(_to_float_chw(images[start : start + _ROWS_PER_CHUNK], dev, dtype))
+        x[start : start + _ROWS_PER_CHUNK] = gcn(_to_float_chw(images[start : start + _ROWS_PER_CHUNK], dev, dtype),
+                                                 params)
     mean64 = x.sum(0, dtype=torch.float64) / n
     mean = mean64.to(dtype)
     cov = torch.zeros((d, d), dtype=torch.float64, device=dev)
@@ -160,12 +200,14 @@ def fit_zca(images: np.ndarray, epsilon: float, device: torch.device | str | Non
     delta = mean64 - mean.double()
     cov = torch.triu(cov) + torch.triu(cov, 1).T
     cov = cov / n - torch.outer(delta, delta)
+    cov.diagonal().add_(epsilon)  # pylearn2 adds filter_bias * I before the eigendecomposition
     s, u = torch.linalg.eigh(cov)
-    s = s.clamp_min(0.0)  # the direction GCN removes (all ones) has variance 0 and may come out as -1e-9
-    w = (u * torch.rsqrt(s + epsilon)) @ u.T
-    log.info("fitted ZCA on %d images in %.1f s (eigenvalues %.3g..%.3g)", n, time.perf_counter() - started,
-             s[0].item(), s[-1].item())
-    return Preprocessor("gcn-zca", mean=mean64.float().cpu(), whitening=w.float().cpu(), epsilon=float(epsilon))
+    if not s[0] > 0:  # pylearn2 asserts the same; cov is positive semi-definite, so only eps <= 0 gets here
+        raise AllconvError(f"zca_epsilon={epsilon}: the regularised covariance is not positive definite; use eps > 0")
+    w = (u * torch.rsqrt(s)) @ u.T
+    log.info("fitted %s on %d images in %.1f s (eigenvalues of cov + eps I %.3g..%.3g)", kind, n,
+             time.perf_counter() - started, s[0].item(), s[-1].item())
+    return Preprocessor(kind, mean=mean64.float().cpu(), whitening=w.float().cpu(), epsilon=float(epsilon))
 
 
 def fit_standardize(images: np.ndarray) -> Preprocessor:
@@ -191,17 +233,17 @@ def preprocess_cache_dir(cfg: DataConfig) -> Path | None:
     return Path(root).expanduser() / "preprocess"
 
 
-def _zca_cache_key(fit_images: np.ndarray, epsilon: float) -> str:
+def _zca_cache_key(fit_images: np.ndarray, epsilon: float, kind: str = "gcn-zca") -> str:
     """Depends on exactly what the fit depends on: the fitted images' bytes (in order) and the parameters."""
     h = hashlib.sha256()
-    h.update(f"gcn-zca v{PREPROCESS_VERSION} gcn={GCN_SQRT_BIAS},{GCN_SCALE} eps={epsilon!r} n={len(fit_images)}"
-             .encode())
+    h.update(f"{kind} v{PREPROCESS_VERSION} gcn={GCN[kind]} eps={epsilon!r} n={len(fit_images)}".encode())
     h.update(memoryview(np.ascontiguousarray(fit_images)).cast("B"))
     return h.hexdigest()[:32]
 
 
-def load_cached(path: Path, key: str, epsilon: float) -> Preprocessor | None:
-    """The fit cached at ``path`` if the file is whole, finite and made for ``key``; else None (the caller refits)."""
+def load_cached(path: Path, key: str, epsilon: float, kind: str = "gcn-zca") -> Preprocessor | None:
+    """The ``kind`` fit cached at ``path`` if the file is whole, finite and made for ``key`` (which hashes the kind
+    and its parameters); else None (the caller refits)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
@@ -212,7 +254,7 @@ def load_cached(path: Path, key: str, epsilon: float) -> Preprocessor | None:
     if mean.shape != (INPUT_DIM,) or w.shape != (INPUT_DIM, INPUT_DIM) or mean.dtype != np.float32 \
             or w.dtype != np.float32 or not (np.isfinite(mean).all() and np.isfinite(w).all()):
         return None
-    return Preprocessor("gcn-zca", mean=torch.from_numpy(mean), whitening=torch.from_numpy(w), epsilon=epsilon)
+    return Preprocessor(kind, mean=torch.from_numpy(mean), whitening=torch.from_numpy(w), epsilon=epsilon)
 
 
 def save_cached(path: Path, key: str, pre: Preprocessor) -> None:
@@ -249,15 +291,13 @@ def fit_preprocessor(cfg: DataConfig, fit_images: np.ndarray, device: torch.devi
         raise AllconvError(f"zca_epsilon={cfg.zca_epsilon}: must be > 0 (default {DEFAULT_ZCA_EPSILON})")
     cache = preprocess_cache_dir(cfg)
     if cache is None:
-        return fit_zca(fit_images, cfg.zca_epsilon, device)
-    key = _zca_cache_key(fit_images, cfg.zca_epsilon)
-    path = cache / f"gcn-zca-{key}.npz"
-    pre = load_cached(path, key, cfg.zca_epsilon)
+        return fit_zca(fit_images, cfg.zca_epsilon, device, cfg.preprocess)
+    key = _zca_cache_key(fit_images, cfg.zca_epsilon, cfg.preprocess)
+    path = cache / f"{cfg.preprocess}-{key}.npz"
+    pre = load_cached(path, key, cfg.zca_epsilon, cfg.preprocess)
     if pre is not None:
-        log.info("using the cached ZCA fit %s", path)
+        log.info("using the cached %s fit %s", cfg.preprocess, path)
         return pre
-    pre = fit_zca(fit_images, cfg.zca_epsilon, device)
+    pre = fit_zca(fit_images, cfg.zca_epsilon, device, cfg.preprocess)
     save_cached(path, key, pre)
     return pre
-
-
