@@ -91,7 +91,7 @@ def _attempts_cell(outcome: LrOutcome | None) -> str:
         text = f"collapsed x{outcome.collapsed_attempts}"
     elif outcome.collapsed_attempts:
         text += f" ({outcome.collapsed_attempts} collapsed)"
-    if outcome.dead_classes:
+    if outcome.dead_classes and outcome.status != "collapsed":  # a partly dead head that still trained
         text += f", dead {outcome.dead_classes}"
     return text
 

@@ -241,10 +241,12 @@ class Worker:
             tags[f"{TAG}retry_of"] = str(retry_of)
 
         def created(run_id: str) -> None:
+            if run.get("id"):  # the attempt before collapsed: run_tracked restarts the trial as a new run
+                tracking.try_set_tags(run["id"], {f"{TAG}trial_state": "restarted"})
+            elif previous_run:
+                _close_lost_run(previous_run, run_id, trial.number)
             run["id"] = run_id
             trial.set_user_attr("mlflow_run_id", run_id)
-            if previous_run:
-                _close_lost_run(previous_run, run_id, trial.number)
 
         if self.view is not None:
             self.view.start_trial(trial.number, cfg.epochs)
