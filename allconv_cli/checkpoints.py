@@ -62,6 +62,7 @@ def checkpoint_of(state: TrainState, data_fingerprint: str) -> dict[str, Any]:
         "history": state.history,
         "data_fingerprint": data_fingerprint,
         "constant_epochs": state.constant_epochs,
+        "seed": state.seed,
     }
 
 
@@ -74,10 +75,11 @@ def restore(state: TrainState, checkpoint: dict[str, Any]) -> None:
     if checkpoint.get("device_type") == state.device.type:
         state.generator.set_state(checkpoint["generator"].cpu())
     else:  # another device type: shuffles differ from here on, everything else is exact
-        state.generator.manual_seed(state.cfg.seed + checkpoint["epoch"])
+        state.generator.manual_seed(checkpoint.get("seed", state.seed) + checkpoint["epoch"])
     if state.device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu(), state.device)
     state.epoch, state.best_val_accuracy = checkpoint["epoch"], checkpoint["best_val_accuracy"]
     state.best_epoch = checkpoint["best_epoch"]
     state.history = list(checkpoint["history"])
     state.constant_epochs = checkpoint.get("constant_epochs", 0)
+    state.seed = checkpoint.get("seed", state.seed)

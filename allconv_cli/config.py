@@ -144,6 +144,9 @@ class TrainConfig:
                              low=0)
     collapse_patience: int = _field(5, "Stop a run whose output is constant (dead ReLUs) for N epochs; 0 never stops.",
                                     "optimisation", low=0, sampleable=False)
+    collapse_retries: int = _field(
+        2, "Restart a collapsed run (dead ReLUs) up to N times with a new init and batch-order seed, same data split.",
+        "optimisation", low=0, sampleable=False)
 
     def __post_init__(self) -> None:
         self.validate()

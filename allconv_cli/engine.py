@@ -8,6 +8,7 @@ device (no DataLoader), so on a GPU a step is pure device work; bf16 autocast an
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -25,6 +26,7 @@ from allconv_cli.checkpoints import CheckpointError, checkpoint_of, load_checkpo
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, Split, augment_batch, iterate_batches
 from allconv_cli.errors import AllconvError
+from allconv_cli.evaluation import autocast, dead_classes, evaluate, evaluate_classes, output_is_constant, precision
 from allconv_cli.paper import error_percent
 
 __all__ = [
@@ -34,11 +36,13 @@ __all__ = [
     "Hooks",
     "TrainResult",
     "TrainState",
+    "attempt_seed",
     "build_model",
     "evaluate",
     "load_checkpoint",
     "make_optimizer",
     "output_is_constant",
+    "precision",
     "resolve_device",
     "setup",
     "train",
@@ -60,6 +64,7 @@ class EpochMetrics:
     val_accuracy: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
+    alive_classes: int | None = None  # class channels not dead on the validation split (see evaluation.py)
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -128,6 +133,8 @@ class TrainResult:
     test_loss: float | None = None
     images_per_second: float = 0.0
     seconds: float = 0.0
+    seed: int | None = None  # of the model init, dropout and batch order (the data split is cfg.seed's)
+    dead_classes: tuple[int, ...] | None = None  # class channels dead after the last epoch; None: not measured
 
     @property
     def test_error(self) -> float | None:
@@ -148,6 +155,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AllconvError(f"device {name!r} requested but CUDA is not available here: use --device cpu")
     return device
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The model-init, dropout and batch-order seed of attempt ``attempt`` (1, 2, ...) of a run seeded ``seed``.
+
+    Attempt 1 uses ``seed`` itself (so a run is what it always was); a retry after a collapse gets a new, fixed
+    32-bit seed derived from both. The data split always stays ``seed``'s: only the network's luck changes.
+    """
+    if attempt <= 1:
+        return seed
+    digest = hashlib.sha256(f"allconv-attempt:{seed}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> models.AllConvNet:
@@ -185,43 +204,6 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
 
 
-def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, amp: bool = True, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a split, in large batches without gradients (dropout off)."""
-    was_training = model.training
-    model.eval()
-    device = split.x.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in iterate_batches(split, batch_size, shuffle=False):
-        with _autocast(device, amp):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    n = max(len(split), 1)
-    return loss_sum.item() / n, correct.item() / n
-
-
-@torch.no_grad()
-def output_is_constant(model: nn.Module, split: Split, n: int = 256) -> bool:
-    """True when the network gives every input the same logits: all ReLUs before the head are dead.
-
-    Seen on an H100 with the paper's All-CNN-C (no BN, lr 0.05, Xavier init, ReLU on the class scores): after one
-    epoch every logit was 0 for every image and the validation loss sat at exactly ln(10) for the remaining 265
-    epochs. No gradient flows through a dead ReLU, so such a run can never recover and is stopped early.
-    """
-    was_training = model.training
-    model.eval()
-    logits = model(split.x[:n]).float()
-    model.train(was_training)
-    return bool((logits - logits[:1]).abs().max() <= 1e-6 * (1 + logits.abs().max()))
-
-
 @dataclass
 class TrainState:
     """What a run carries from epoch to epoch, made by :func:`setup`; :mod:`~allconv_cli.checkpoints` stores it."""
@@ -237,13 +219,17 @@ class TrainState:
     best_val_accuracy: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    constant_epochs: int = 0  # epochs in a row with the same output for every input (see output_is_constant)
+    constant_epochs: int = 0  # epochs in a row that were dead: constant output, or every class channel dead
+    seed: int = 0  # of the init, dropout and batch order (cfg.seed unless a retry after a collapse chose another)
 
 
-def setup(cfg: TrainConfig, num_classes: int, device: torch.device, *, resume_from: Path | None = None) -> TrainState:
-    """Seed, build the model on ``device`` (channels_last), its optimizer, lr schedule and batch-order generator;
-    restore ``resume_from`` if given; compile last. Training and the benchmark start from the same state."""
-    torch.manual_seed(cfg.seed)
+def setup(cfg: TrainConfig, num_classes: int, device: torch.device, *, resume_from: Path | None = None,
+          seed: int | None = None) -> TrainState:
+    """Seed (``seed``, default ``cfg.seed``), build the model on ``device`` (channels_last), its optimizer, lr
+    schedule and batch-order generator; restore ``resume_from`` if given; compile last. Training and the benchmark
+    start from the same state."""
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -252,8 +238,8 @@ def setup(cfg: TrainConfig, num_classes: int, device: torch.device, *, resume_fr
     optimizer = make_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
     generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
-    state = TrainState(cfg, device, model, model, optimizer, scheduler, generator)
+    generator.manual_seed(seed)
+    state = TrainState(cfg, device, model, model, optimizer, scheduler, generator, seed=seed)
     if resume_from is not None:
         restore(state, load_checkpoint(resume_from, map_location=device))
     if cfg.compile:
@@ -269,19 +255,26 @@ def train(
     checkpoint_dir: Path,
     hooks: Hooks | None = None,
     resume_from: Path | None = None,
+    seed: int | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on ``data`` (already on ``device``); checkpoint every epoch; resume exactly from a checkpoint.
 
-    The run is deterministic for a seed on CPU: model init and dropout draw from the global torch RNG seeded here,
-    shuffling and augmentation from a dedicated generator, and all three states travel in the checkpoint.
+    The run is deterministic for a seed on CPU: model init and dropout draw from the global torch RNG seeded here
+    with ``seed`` (default ``cfg.seed``; :func:`attempt_seed` for a retry), shuffling and augmentation from a
+    dedicated generator, and all three states travel in the checkpoint.
+
+    A run ends ``collapsed`` (when ``cfg.collapse_patience`` > 0) once it has been dead for that many epochs in a
+    row, or is dead after its last epoch; dead means the output is the same for every input, or (with ReLU on the
+    class scores) every class channel is <= 0 for every validation input: the loss is then ln(classes) and no
+    gradient reaches any weight, so it can never recover.
     """
     hooks = hooks or Hooks()
     started = time.perf_counter()
-    state = setup(cfg, data.num_classes, device, resume_from=resume_from)
+    state = setup(cfg, data.num_classes, device, resume_from=resume_from, seed=seed)
     model = state.model
     hooks.on_start(cfg, model, state.epoch)
 
-    status, reason, epoch = "finished", "", state.epoch
+    status, reason, epoch, dead = "finished", "", state.epoch, None
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             metrics = train_epoch(state, data.train, epoch, hooks)
@@ -290,10 +283,15 @@ def train(
                 epoch -= 1
                 break
             state.scheduler.step()
-            constant = output_is_constant(model, data.val or data.train)
-            state.constant_epochs = state.constant_epochs + 1 if constant else 0
             if data.val is not None:
-                metrics.val_loss, metrics.val_accuracy = evaluate(model, data.val, amp=cfg.amp)
+                metrics.val_loss, metrics.val_accuracy, dead = evaluate_classes(
+                    model, data.val, amp=cfg.amp, head_relu=cfg.head_relu)
+            else:
+                dead = dead_classes(model, data.train, amp=cfg.amp, head_relu=cfg.head_relu)
+            metrics.alive_classes = data.num_classes - len(dead)
+            head_dead = cfg.head_relu and not metrics.alive_classes
+            constant = head_dead or output_is_constant(model, data.val or data.train)
+            state.constant_epochs = state.constant_epochs + 1 if constant else 0
             if cfg.test_every and epoch % cfg.test_every == 0:
                 metrics.test_loss, metrics.test_accuracy = evaluate(model, data.test, amp=cfg.amp)
             state.history.append(metrics.as_dict())
@@ -309,12 +307,9 @@ def train(
             if improved:
                 shutil.copyfile(last, checkpoint_dir / "best.pt")
                 hooks.on_checkpoint(checkpoint_dir / "best.pt", "best", epoch)
-            if cfg.collapse_patience and state.constant_epochs >= cfg.collapse_patience:
-                status = "collapsed"
-                reason = (
-                    f"the network's output has been the same for every input for {state.constant_epochs} epochs "
-                    f"(dead ReLUs; it cannot recover), stopped after epoch {epoch}"
-                )
+            if cfg.collapse_patience and constant and (
+                    state.constant_epochs >= cfg.collapse_patience or epoch == cfg.epochs):
+                status, reason = "collapsed", _collapse_reason(head_dead, state.constant_epochs, epoch, cfg.epochs)
                 break
             stop = hooks.should_stop(metrics)
             if stop:
@@ -333,6 +328,8 @@ def train(
         history=history,
         best_val_accuracy=state.best_val_accuracy,
         best_epoch=state.best_epoch,
+        seed=state.seed,
+        dead_classes=dead,
     )
     if history:
         result.val_accuracy = history[-1].get("val_accuracy")
@@ -343,6 +340,14 @@ def train(
         result.test_loss, result.test_accuracy = evaluate(model, data.test, amp=cfg.amp)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _collapse_reason(head_dead: bool, epochs: int, last: int, total: int) -> str:
+    what = ("every class score was <= 0 for every validation input (the ReLUs on the class scores are dead: the "
+            "loss is ln(classes) and no gradient flows)" if head_dead else
+            "the network's output was the same for every input")
+    when = f"stopped after epoch {last}" if last < total else f"still dead after the last epoch ({last})"
+    return f"{what} for {epochs} epoch(s) in a row (dead ReLUs; it cannot recover), {when}"
 
 
 def train_epoch(state: TrainState, split: Split, epoch: int, hooks: Hooks | None = None) -> EpochMetrics:
@@ -363,7 +368,7 @@ def train_epoch(state: TrainState, split: Split, epoch: int, hooks: Hooks | None
     start = time.perf_counter()
     for x, y in iterate_batches(split, cfg.batch_size, shuffle=True, generator=state.generator, drop_last=drop_last):
         x = augment_batch(x, cfg.augment, state.generator).contiguous(memory_format=torch.channels_last)
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -13,8 +13,13 @@ Why it is built on :mod:`allconv_cli.search` rather than a loop over ``allconv t
   reports the most recent study of each network.
 * Two protocols. ``paper``: train on all training images (``val_size=0``) and, as the paper did, pick the lr by
   test error; the Optuna objective is then the test accuracy, which is honest about what that selection is.
-  ``validated``: hold out ``--val-size`` images, the objective is the final validation accuracy, and the report
-  quotes the test error of the run the validation split picked.
+  ``validated``: hold out ``--val-size`` images, the objective is the final validation accuracy; once every lr is
+  done, the lr the validation split picked is retrained on all training images (same epochs, a new run tagged
+  ``allconv.role=final``, search's ``retrain_best``) and tested once: the report's "ours (validated)" is that run,
+  next to the selection run, so the number is comparable with the paper's 50,000-image ones.
+* A run that collapses (dead ReLUs: with the paper's ReLU on the class scores it can happen at any lr) is restarted
+  by :func:`~allconv_cli.tracked_run.run_tracked` with a new seed, up to ``--collapse-retries`` times; a grid point
+  is lost only when every attempt collapsed, and the report counts the collapsed attempts per lr.
 * Processes that share a storage go through the networks in the same order, take whatever lrs are still free,
   and only at the end wait for trials running elsewhere (so a lost worker's trial is retried): N hosts running the
   same command spread over all 12 x 4 trials instead of waiting on each other network by network.
@@ -111,6 +116,7 @@ class ReproducePlan:
     experiment: str = DEFAULT_EXPERIMENT
     storage_url: str | None = None  # None: search's default, sqlite:///optuna.db in the working directory
     workers: int = 1
+    collapse_retries: int | None = None  # None: TrainConfig's default
 
     def networks(self) -> list[tuple[str, str]]:
         """In the paper's Table 3 order, whatever order the options listed them in."""
@@ -129,6 +135,8 @@ def base_config(plan: ReproducePlan, base: str, branch: str, protocol: str) -> d
         data["val_size"] = 0  # the paper trained on all 50,000 training images
     elif int(data.get("val_size", 5000)) <= 0:
         raise AllconvError("--protocol validated selects the lr on a validation split: pass --val-size > 0")
+    if plan.collapse_retries is not None:
+        data["collapse_retries"] = plan.collapse_retries
     cfg = TrainConfig(model=base, branch=branch, epochs=plan.epochs, **PAPER_FIXED, **data)
     return cfg.to_dict()
 
@@ -216,6 +224,8 @@ class NetworkOutcome:
     finished: int
     target: int
     seconds: float
+    final_run_id: str | None = None  # validated: the chosen lr retrained on all training images (trained here)
+    final_status: str | None = None
 
 
 def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | None = None,
@@ -239,16 +249,50 @@ def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | No
                          f"({settings.study_name})")
             started = time.perf_counter()
             outcome = run_study(settings, console, data=data)
+            status, final = outcome.status, None
+            if protocol == "validated" and status == "done":
+                final = final_run(outcome, name, console)
+                if final is not None and final.result.status == "interrupted":
+                    status = "interrupted"
             outcomes[(protocol, base, branch)] = NetworkOutcome(
-                protocol, base, branch, settings.study_name, outcome.run.experiment, outcome.status,
+                protocol, base, branch, settings.study_name, outcome.run.experiment, status,
                 outcome.run.parent_run_id, outcome.counts.finished, settings.trials,
                 time.perf_counter() - started + (previous.seconds if previous else 0.0),
+                final.run_id if final else None, final.result.status if final else None,
             )
             if outcome.status == "pending":
                 console.print(f"{name} ({protocol}): the remaining lrs are running elsewhere; coming back to them "
                               "at the end", highlight=False)
-            if outcome.status == "interrupted":
+            if status == "interrupted":
                 return list(outcomes.values())
         if all(o.status == "done" for o in outcomes.values()):
             break
     return list(outcomes.values())
+
+
+def selected_trial(study: Any) -> Any:
+    """The complete trial the validated protocol picks: by :func:`~allconv_cli.report.table3.validated_key`, the
+    report's own rule (the highest final validation accuracy; ties to the higher lr), so the final run retrains
+    the run the report shows as selected."""
+    from optuna.trial import TrialState
+
+    from allconv_cli.report.table3 import validated_key
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return max(complete, key=lambda t: validated_key(t.value, t.params.get("lr")), default=None)
+
+
+def final_run(outcome: Any, name: str, console: Any) -> Any:
+    """Retrain the validated study's chosen lr on all training images (val_size=0, same epochs), tested once, as a
+    child run tagged ``allconv.role=final`` (search's ``retrain_best``, which skips it when already done); returns
+    its :class:`~allconv_cli.tracked_run.RunOutcome`, or None when no lr finished or it was trained before."""
+    from allconv_cli.search.parent_run import retrain_best
+
+    trial = selected_trial(outcome.study)
+    if trial is None:
+        console.print(f"{name} (validated): no lr finished, so there is no lr to retrain on all training images",
+                      highlight=False)
+        return None
+    console.print(f"{name} (validated): lr {trial.params.get('lr'):g} chosen on the validation split "
+                  f"(trial {trial.number}); the final run trains it on all training images", highlight=False)
+    return retrain_best(outcome.study, outcome.run, console, trial=trial)

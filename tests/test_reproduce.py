@@ -146,3 +146,31 @@ def test_plan_and_study_names() -> None:
     with pytest.raises(AllconvError, match="val-size"):
         reproduce.base_config(reproduce.ReproducePlan(data={"val_size": 0}), "A", "model", "validated")
     assert reproduce.parse_lrs("0.25, 0.1,0.1") == [0.25, 0.1]
+
+
+@pytest.mark.e2e
+def test_validated_lr_is_retrained_on_all_training_images_once(workdir: Path) -> None:
+    """After the grid, the lr the validation split chose is trained again on every training image (val_size=0, same
+    epochs) as a child run tagged final; the report's "ours (validated)" is its test error. Reruns do not retrain."""
+    finals = _runs("final")
+    assert len(finals) == 2, "one final run per validated network, however often the command ran"
+    code, out, _ = _invoke(["report", "--format", "json", "--experiment", reproduce.DEFAULT_EXPERIMENT])
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(out)["networks"]}
+    parents = {p.data.tags["allconv.study_name"]: p.info.run_id for p in _runs("study")}
+    for branch in ("model", "allcnn"):
+        result = rows[f"allconv_a_{branch}"]["protocols"]["validated"]
+        (final,) = [f for f in finals if f.data.params["branch"] == branch]
+        params, tags = final.data.params, final.data.tags
+        assert (params["val_size"], params["epochs"], float(params["lr"])) == ("0", "1", result["lr"])
+        assert params["subset"] == "200" and params["seed"] == "0"
+        assert tags["allconv.source_run"] == result["run_id"], "the final run retrains the selected run's config"
+        assert tags["mlflow.parentRunId"] == parents[result["study_name"]]
+        assert (tags["allconv.status"], tags["allconv.attempt"], tags["allconv.precision"]) == ("finished", "1", "fp32")
+        assert result["final"]["run_id"] == final.info.run_id and result["final"]["status"] == "finished"
+        assert result["final"]["test_error"] == pytest.approx(final.data.metrics["test_error"])
+        assert result["ours_from"] == "final" and result["ours_test_error"] == result["final"]["test_error"]
+        assert "alive_classes" in final.data.metrics
+    assert rows["allconv_a_model"]["protocols"]["paper"]["final"] is None
+    code, out, _ = _invoke(["report", "--format", "markdown"])
+    assert "## Validated protocol" in out and "## Runs per lr" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -84,6 +85,9 @@ def train_command(
             hooks=[progress],
             checkpoint_every=checkpoint_every,
             register=register,
+            on_retry=lambda dead, number, seed: console.print(
+                f"run {dead.run_id} collapsed ({dead.reason}); restarting as attempt {number} of "
+                f"{cfg.collapse_retries + 1} with seed {seed} (same data split)", highlight=False),
         )
     result = outcome.result
     if as_json:
@@ -103,6 +107,7 @@ def train_command(
                     "seconds": result.seconds,
                     "tracking_uri": tracking.tracking_uri(),
                     "experiment": experiment_name,
+                    "attempts": [dataclasses.asdict(a) for a in outcome.attempts],
                 }
             )
         )

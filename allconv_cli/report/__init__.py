@@ -17,7 +17,7 @@ from allconv_cli.report.plot import write_bar_chart
 from allconv_cli.report.render import render_csv, render_json, render_markdown, render_rich, wide_console
 from allconv_cli.report.runs import RunRecord, load_runs
 from allconv_cli.report.studies import Ablation, StudySummary, search_studies
-from allconv_cli.report.table3 import NetworkRow, exact_params, table3
+from allconv_cli.report.table3 import NetworkRow, ProtocolResult, exact_params, table3
 
 __all__ = [
     "Report",
@@ -47,7 +47,9 @@ class Report:
         for row, raw in zip(self.networks, data["networks"], strict=True):
             for protocol, result in row.protocols.items():
                 if result is not None:
-                    raw["protocols"][protocol]["comparable"] = result.comparable
+                    raw["protocols"][protocol].update(comparable=result.comparable, ours_from=result.ours_from,
+                                                      ours_test_error=result.ours_test_error,
+                                                      ours_diff=result.ours_diff)
         data["sources"] = {"paper": PAPER, "reproduction_2020": REPRODUCTION_2020}
         return data
 
@@ -82,7 +84,8 @@ def _notes(runs: list[RunRecord], names: list[str], rows: list[NetworkRow], uri:
             label = f"{row.display_name} ({result.protocol})"
             if result.deviations:
                 notes.append(f"{label}: not the paper's setting ({', '.join(result.deviations)})")
-            pending = result.lrs_total - result.finished - result.diverged - result.failed
+            notes += _run_notes(label, result)
+            pending = result.lrs_total - result.finished - result.diverged - result.collapsed - result.failed
             if pending > 0:
                 notes.append(f"{label}: {pending} of {result.lrs_total} lrs still running or not started; "
                              "the selection may change")
@@ -90,3 +93,29 @@ def _notes(runs: list[RunRecord], names: list[str], rows: list[NetworkRow], uri:
                 notes.append(f"{label}: {result.other_studies} older reproduction(s) ignored, reporting "
                              f"{result.study_name!r}")
     return tuple(notes)
+
+
+def _run_notes(label: str, result: ProtocolResult) -> list[str]:
+    """Collapsed attempts per lr, dead class channels, and where the validated number comes from."""
+    notes = []
+    if result.collapsed_attempts:
+        per_lr = ", ".join(
+            f"lr {o.lr:g}: {o.collapsed_attempts}" + (" (every attempt)" if o.status == "collapsed" else
+                                                      f" (then attempt {o.attempt} {o.status})")
+            for o in result.per_lr if o.collapsed_attempts)
+        notes.append(f"{label}: {result.collapsed_attempts} collapsed attempt(s), each restarted with a new seed "
+                     f"while retries were left: {per_lr}")
+    if result.dead_classes:
+        notes.append(f"{label}: the selected run has dead class channels {result.dead_classes} (never a positive "
+                     "score on validation after its last epoch)")
+    final = result.final
+    if result.protocol == "validated" and result.run_id is not None:
+        if final is None:
+            notes.append(f"{label}: no final run on all training images yet (`allconv reproduce` trains it once "
+                         "every lr is done); ours is the selection run's test error")
+        elif result.ours_from != "final":
+            notes.append(f"{label}: the final run on all training images ended {final.status}; ours is the "
+                         "selection run's test error")
+        elif final.dead_classes:
+            notes.append(f"{label}: the final run has dead class channels {final.dead_classes}")
+    return notes

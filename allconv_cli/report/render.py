@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from allconv_cli.paper import PROTOCOLS
 from allconv_cli.report.studies import Ablation, StudySummary
-from allconv_cli.report.table3 import NetworkRow, ProtocolResult
+from allconv_cli.report.table3 import LrOutcome, NetworkRow, ProtocolResult
 
 if TYPE_CHECKING:
     from allconv_cli.report import Report
@@ -37,9 +37,9 @@ def _lr(value: float | None) -> str:
 
 
 def _ours(result: ProtocolResult | None) -> str:
-    if result is None or result.test_error is None:
+    if result is None or result.ours_test_error is None:
         return "-"
-    return f"{result.test_error:.2f}" + ("" if result.comparable else "*")
+    return f"{result.ours_test_error:.2f}" + ("" if result.comparable else "*")
 
 
 def table3_header() -> list[str]:
@@ -57,9 +57,59 @@ def table3_cells(row: NetworkRow) -> list[str]:
         if result is None:
             cells += ["-", "-", "-", "-"]
         else:
-            cells += [_ours(result), _lr(result.lr), _number(result.diff, signed=True),
+            cells += [_ours(result), _lr(result.lr), _number(result.ours_diff, signed=True),
                       f"{result.diverged}/{result.lrs_total}"]
     return cells
+
+
+VALIDATED_HEADER = ["network", "lr", "val acc %", "selection run err %", "final run err %", "final status",
+                    "final diff", "final attempt"]
+
+
+def _validated_rows(report: Report) -> list[list[str]]:
+    """The validated protocol's two runs per network: the selection run (validation split held out) and the final
+    run (that lr on all training images)."""
+    rows = []
+    for row in report.networks:
+        result = row.protocols.get("validated")
+        if result is None:
+            continue
+        final = result.final
+        rows.append([row.display_name, _lr(result.lr), _fraction_as_percent(result.val_accuracy),
+                     _number(result.test_error), _number(final.test_error) if final else "-",
+                     final.status if final else "not run", _number(final.diff, signed=True) if final else "-",
+                     str(final.attempt) if final else "-"])
+    return rows
+
+
+def _attempts_cell(outcome: LrOutcome | None) -> str:
+    """One lr of a grid: its last attempt's status, with the collapsed attempts before it and any dead classes."""
+    if outcome is None:
+        return "-"
+    text = outcome.status
+    if outcome.status == "collapsed":
+        text = f"collapsed x{outcome.collapsed_attempts}"
+    elif outcome.collapsed_attempts:
+        text += f" ({outcome.collapsed_attempts} collapsed)"
+    if outcome.dead_classes and outcome.status != "collapsed":  # a partly dead head that still trained
+        text += f", dead {outcome.dead_classes}"
+    return text
+
+
+def attempts_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Per network, protocol and lr: how its runs ended, collapsed attempts counted (and the final run's)."""
+    results = [(row, result) for row in report.networks for result in row.protocols.values() if result is not None]
+    lrs = sorted({o.lr for _, result in results for o in result.per_lr if o.lr is not None}, reverse=True)
+    header = ["network", "protocol", *(f"lr {lr:g}" for lr in lrs), "final run"]
+    rows = []
+    for row, result in results:
+        by_lr = {o.lr: o for o in result.per_lr}
+        final = result.final
+        final_cell = "-" if final is None else _attempts_cell(LrOutcome(
+            final.lr, final.status, final.test_error, None, final.run_id, final.attempt, final.collapsed_attempts,
+            final.dead_classes))
+        rows.append([row.display_name, result.protocol, *(_attempts_cell(by_lr.get(lr)) for lr in lrs), final_cell])
+    return header, rows
 
 
 def _study_cells(study: StudySummary) -> list[str]:
@@ -86,8 +136,9 @@ def _legend() -> list[str]:
     return [
         "test-sel.: the paper's protocol, all 50,000 training images, the lr with the lowest TEST error "
         "(selection on the test set, optimistic).",
-        "val-sel.: the lr with the best validation accuracy on a held-out split; its test error is the honest "
-        "number. diff = ours - paper, in points; * = not the paper's setting (see notes).",
+        "val-sel.: the lr with the best validation accuracy on a held-out split, retrained on all training images "
+        "(the final run) and tested once: the honest number (the selection run's own test error when there is no "
+        "final run yet). diff = ours - paper, in points; * = not the paper's setting (see notes).",
     ]
 
 
@@ -117,6 +168,12 @@ def render_rich(report: Report, console: Any) -> None:
     console.print(table)
     for line in _legend():
         console.print(line, style="dim", highlight=False)
+    validated = _validated_rows(report)
+    if validated:
+        console.print(_rich_table(VALIDATED_TITLE, VALIDATED_HEADER, validated))
+    header, rows = attempts_table(report)
+    if rows:
+        console.print(_rich_table(ATTEMPTS_TITLE, header, rows))
     if report.studies:
         studies = Table(title="allconv search studies (best trial by validation accuracy)", title_style="bold")
         for name in STUDY_HEADER:
@@ -135,6 +192,22 @@ def render_rich(report: Report, console: Any) -> None:
         console.print(f"note: {note}", highlight=False)
 
 
+VALIDATED_TITLE = ("Validated protocol: the selection run (validation split held out) and the final run (all "
+                   "training images)")
+ATTEMPTS_TITLE = "Runs per lr: last attempt's status (a collapsed run is restarted with a new seed, same data split)"
+
+
+def _rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_style="bold")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
 def _md_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
@@ -146,6 +219,12 @@ def render_markdown(report: Report) -> str:
     lines = ["## Table 3: CIFAR-10 test error (%), paper vs this reproduction", ""]
     lines += _md_table(table3_header(), (table3_cells(row) for row in report.networks))
     lines += ["", *(f"- {line}" for line in _legend())]
+    validated = _validated_rows(report)
+    if validated:
+        lines += ["", f"## {VALIDATED_TITLE}", "", *_md_table(VALIDATED_HEADER, validated)]
+    header, rows = attempts_table(report)
+    if rows:
+        lines += ["", f"## {ATTEMPTS_TITLE}", "", *_md_table(header, rows)]
     if report.studies:
         lines += ["", "## allconv search studies", ""]
         lines += _md_table(STUDY_HEADER, (_study_cells(s) for s in report.studies))
@@ -161,7 +240,9 @@ CSV_FIELDS = ["network", "display_name", "params", "paper_params", "paper_error"
     f"{protocol}_{key}"
     for protocol in PROTOCOLS
     for key in ("test_error", "lr", "diff", "diverged", "finished", "lrs_total", "val_accuracy", "epochs",
-                "comparable", "run_id", "study")
+                "comparable", "run_id", "study", "ours_test_error", "ours_diff", "ours_from", "collapsed",
+                "collapsed_attempts", "collapsed_attempts_per_lr", "dead_classes", "final_test_error", "final_diff",
+                "final_status", "final_attempt", "final_run_id")
 ]
 
 
@@ -183,8 +264,17 @@ def render_csv(report: Report) -> str:
                 "test_error": result.test_error, "lr": result.lr, "diff": result.diff, "diverged": result.diverged,
                 "finished": result.finished, "lrs_total": result.lrs_total, "val_accuracy": result.val_accuracy,
                 "epochs": result.epochs, "comparable": result.comparable, "run_id": result.run_id,
-                "study": result.study_name,
+                "study": result.study_name, "ours_test_error": result.ours_test_error, "ours_diff": result.ours_diff,
+                "ours_from": result.ours_from, "collapsed": result.collapsed,
+                "collapsed_attempts": result.collapsed_attempts,
+                "collapsed_attempts_per_lr": ";".join(f"{o.lr:g}:{o.collapsed_attempts}" for o in result.per_lr
+                                                      if o.lr is not None),
+                "dead_classes": result.dead_classes,
             }
+            final = result.final
+            if final is not None:
+                values |= {"final_test_error": final.test_error, "final_diff": final.diff, "final_status": final.status,
+                           "final_attempt": final.attempt, "final_run_id": final.run_id}
             record.update({f"{protocol}_{k}": ("" if v is None else v) for k, v in values.items()})
         writer.writerow(record)
     return out.getvalue()

@@ -48,6 +48,17 @@ class RunRecord:
         value = self.metric("final_val_accuracy")
         return value if value is not None else self.metric("val_accuracy")
 
+    @property
+    def attempt(self) -> int:
+        """1 for a first run, 2, 3, ... for restarts after a collapse (runs from before attempts existed: 1)."""
+        value = parse_float(self.tag("attempt"))
+        return int(value) if value is not None else 1
+
+    @property
+    def precision(self) -> str:
+        """bf16, tf32 or fp32 (the ``allconv.precision`` tag); empty for runs from before it was recorded."""
+        return self.tag("precision")
+
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
         return None if value is None or not math.isfinite(value) else float(value)
@@ -71,6 +82,12 @@ def trials_by_study(runs: Iterable[RunRecord], kind: str | None = None) -> dict[
             continue
         groups[(run.experiment, run.tag("study_name"))].append(run)
     return groups
+
+
+def restarted(runs: Iterable[RunRecord]) -> set[str]:
+    """Ids of the runs that collapsed and were restarted as a new attempt (another run names them in its
+    ``allconv.collapse_retry_of`` tag): a trial is its last attempt."""
+    return {run.tag("collapse_retry_of") for run in runs if run.tag("collapse_retry_of")}
 
 
 def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord], list[str]]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from allconv_cli.report.runs import RunRecord, parse_float, trials_by_study
+from allconv_cli.report.runs import RunRecord, parse_float, restarted, trials_by_study
 from allconv_cli.report.table3 import rerun_command
 
 # Ablation studies (by their `allconv.space` tag) and the params one row of their table stands for.
@@ -41,6 +41,7 @@ class StudySummary:
     rerun: str | None
     final_test_error: float | None  # of the study's final retrain run (role=final), when there is one
     final_run_id: str | None
+    collapsed_attempts: int = 0  # trial runs that collapsed and were restarted (each trial counts as its last)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def search_studies(runs: Sequence[RunRecord]) -> tuple[list[StudySummary], list[
                 finals[key] = run
     studies, ablations = [], []
     for key, parent in sorted(parents.items(), key=lambda item: item[1].start_time):
-        trials = trials_of.get(key, [])
+        attempts = trials_of.get(key, [])
+        superseded = restarted(attempts)
+        trials = [r for r in attempts if r.run_id not in superseded]
         best = _best_by_objective(trials)
         searched = _searched_params(trials)
         statuses = [r.status for r in trials]
@@ -89,6 +92,7 @@ def search_studies(runs: Sequence[RunRecord]) -> tuple[list[StudySummary], list[
             rerun=rerun_command(best.params) if best else None,
             final_test_error=final.metric("test_error") if final else None,
             final_run_id=final.run_id if final else None,
+            collapsed_attempts=len(superseded),
         ))
         if space in ABLATION_SPACES and trials:
             ablations.append(_ablation(key, space, trials))

@@ -2,12 +2,15 @@
 
 A row comes from the trials of an ``allconv reproduce`` study (one per network and protocol); when a network was
 reproduced several times the most recently started study is reported and the others are counted. Only finished runs
-are ranked; diverged, failed and running ones are counted. ``paper`` picks on the test set, as the paper did, and says
-so; ``validated`` picks on the final validation accuracy and never looks at test metrics.
+are ranked; diverged, collapsed, failed and running ones are counted (a trial is its last attempt; collapsed attempts
+are counted per lr). ``paper`` picks on the test set, as the paper did, and says so; ``validated`` picks on the final
+validation accuracy and never looks at test metrics, and its number is that lr retrained on all training images (the
+study's ``final`` run) when there is one.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +23,10 @@ from allconv_cli.report.runs import RunRecord, parse_float, trials_by_study
 
 PROTOCOL_SELECTION = {
     "paper": "lowest test error (selected on the test set, as the paper did)",
-    "validated": "highest final validation accuracy (test set unused for selection)",
+    "validated": "highest final validation accuracy (test set unused for selection), then that lr retrained on all "
+                 "training images and tested once",
 }
+FP32 = "fp32"  # the paper's precision (Caffe, 2014); runs that record another are flagged
 # The paper's setting as TrainConfig values (its protocol, all epochs, all of CIFAR-10): a reproduction run that
 # differs in any of them is flagged as not comparable.
 PAPER_SETTING: dict[str, object] = {
@@ -36,10 +41,30 @@ class LrOutcome:
     """One lr of a reproduction grid: the run that stands for it."""
 
     lr: float | None
-    status: str
+    status: str  # of its last attempt
     test_error: float | None
     val_accuracy: float | None
     run_id: str
+    attempt: int = 1  # the attempt that stands for it (2, 3, ...: earlier ones collapsed)
+    collapsed_attempts: int = 0  # of its runs, those that collapsed
+    dead_classes: str = ""  # class channels never positive on validation after the last epoch, e.g. "3,7"
+
+
+@dataclass(frozen=True)
+class FinalRun:
+    """The validated protocol's last step: the chosen lr retrained on all training images (val_size=0), tested once."""
+
+    run_id: str
+    status: str
+    test_error: float | None
+    diff: float | None  # ours - paper, in percentage points
+    lr: float | None
+    source_run: str  # the selection run it retrained
+    attempt: int
+    collapsed_attempts: int
+    dead_classes: str
+    deviations: tuple[str, ...]
+    rerun: str | None
 
 
 @dataclass(frozen=True)
@@ -65,10 +90,31 @@ class ProtocolResult:
     deviations: tuple[str, ...]  # how the runs differ from the paper's setting; empty: comparable
     per_lr: tuple[LrOutcome, ...]
     other_studies: int = 0  # older reproductions of the same network and protocol, not reported
+    collapsed: int = 0  # lrs whose last attempt collapsed too
+    collapsed_attempts: int = 0  # runs that collapsed, over all lrs (each was restarted while retries were left)
+    dead_classes: str = ""  # of the selected run
+    final: FinalRun | None = None  # validated only: the selected lr retrained on all training images
 
     @property
     def comparable(self) -> bool:
         return not self.deviations
+
+    @property
+    def ours_from(self) -> str:
+        """Which run ``ours`` is: ``final`` (validated, retrained on all training images) or ``selection``."""
+        final = self.final
+        return "final" if final is not None and final.status == "finished" and final.test_error is not None \
+            else "selection"
+
+    @property
+    def ours_test_error(self) -> float | None:
+        """The number Table 3 shows: the final run's test error under ``validated`` when it finished, else the
+        selected run's."""
+        return self.final.test_error if self.ours_from == "final" else self.test_error
+
+    @property
+    def ours_diff(self) -> float | None:
+        return self.final.diff if self.ours_from == "final" else self.diff
 
 
 @dataclass(frozen=True)
@@ -108,34 +154,71 @@ def select_run(trials: Sequence[RunRecord], protocol: str) -> RunRecord | None:
     if protocol != "validated":
         raise AllconvError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     with_val = [r for r in candidates if r.val_accuracy is not None]
-    return max(with_val, key=lambda r: r.val_accuracy, default=None)  # max keeps the first of equals
+    return max(with_val, key=lambda r: validated_key(r.val_accuracy, r.lr), default=None)
 
 
-def deviations(params: dict[str, str]) -> tuple[str, ...]:
-    """How a run's logged config differs from :data:`PAPER_SETTING` (params it did not log are not judged)."""
+def validated_key(val_accuracy: float, lr: float | None) -> tuple[float, float]:
+    """The validated protocol's ranking (``max`` of it): the highest final validation accuracy; ties go to the
+    higher lr, never to the better test error. ``allconv reproduce`` retrains the run this picks."""
+    return val_accuracy, -math.inf if lr is None else lr
+
+
+def deviations(params: dict[str, str], precision: str = "") -> tuple[str, ...]:
+    """How a run's logged config differs from :data:`PAPER_SETTING` (params it did not log are not judged), and its
+    ``precision`` tag when that is not fp32 (bf16 autocast on a GPU is ours, not the paper's)."""
     cfg = TrainConfig.from_params(params)
     out = []
     for key, expected in PAPER_SETTING.items():
         if key in params and getattr(cfg, key) != expected:
             value = params[key]
             out.append(f"{key}={value}" if key != "epochs" else f"epochs={value} (paper: {expected})")
+    if precision and precision != FP32:
+        out.append(f"precision={precision} (paper: {FP32})")
     return tuple(out)
 
 
+def _by_lr(runs: list[RunRecord]) -> dict[float | None, list[RunRecord]]:
+    groups: dict[float | None, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        groups[run.lr].append(run)
+    return groups
+
+
+def _latest(group: list[RunRecord]) -> RunRecord:
+    """The run that stands for a group: a finished one when there is one, else the latest (a trial retried after a
+    lost worker, or restarted after a collapse, leaves several; the last attempt is the latest)."""
+    finished = [r for r in group if r.status == "finished"]
+    return max(finished or group, key=lambda r: r.start_time)
+
+
 def _representatives(trials: list[RunRecord]) -> list[RunRecord]:
-    """One run per lr: a finished one when there is one, else the latest (a retried trial leaves several)."""
-    by_lr: dict[float | None, list[RunRecord]] = defaultdict(list)
-    for run in trials:
-        by_lr[run.lr].append(run)
-    chosen = []
-    for group in by_lr.values():
-        finished = [r for r in group if r.status == "finished"]
-        chosen.append(max(finished or group, key=lambda r: r.start_time))
+    """One run per lr (:func:`_latest`), highest lr first."""
+    chosen = [_latest(group) for group in _by_lr(trials).values()]
     return sorted(chosen, key=lambda r: (-(r.lr or 0.0)))
 
 
+def _collapsed(group: list[RunRecord]) -> int:
+    return sum(r.status == "collapsed" for r in group)
+
+
+def _final_run(finals: list[RunRecord], chosen: RunRecord | None, paper_error: float) -> FinalRun | None:
+    """The study's final run (role=final) that retrained ``chosen``: the finished one, else its latest attempt."""
+    mine = [r for r in finals if chosen is not None and r.tag("source_run") in ("", chosen.run_id)]
+    if not mine:
+        return None
+    run = _latest(mine)
+    test_error = run.metric("test_error") if run.status == "finished" else None
+    return FinalRun(
+        run_id=run.run_id, status=run.status, test_error=test_error,
+        diff=None if test_error is None else test_error - paper_error, lr=run.lr,
+        source_run=run.tag("source_run"), attempt=run.attempt, collapsed_attempts=_collapsed(mine),
+        dead_classes=run.tag("dead_classes"), deviations=deviations(run.params, run.precision),
+        rerun=rerun_command(run.params),
+    )
+
+
 def _protocol_result(protocol: str, studies: list[Study], parents: dict[tuple[str, str], RunRecord],
-                     paper_error: float) -> ProtocolResult:
+                     finals: dict[tuple[str, str], list[RunRecord]], paper_error: float) -> ProtocolResult:
     """Summarise the latest study of one network under one protocol."""
 
     def started(item: Study) -> int:
@@ -143,8 +226,8 @@ def _protocol_result(protocol: str, studies: list[Study], parents: dict[tuple[st
         return parent.start_time if parent else min(r.start_time for r in item[1])
 
     (experiment, study_name), trials = max(studies, key=started)
+    by_lr = _by_lr(trials)
     reps = _representatives(trials)
-    # ties in the validated selection go to the first run of the grid as the user listed it (highest lr first)
     chosen = select_run(reps, protocol)
     parent = parents.get((experiment, study_name))
     grid = [v for v in (parent.tag("lrs") if parent else "").split(",") if v]
@@ -152,6 +235,9 @@ def _protocol_result(protocol: str, studies: list[Study], parents: dict[tuple[st
     test_error = chosen.metric("test_error") if chosen else None
     sample = chosen or reps[0]
     epochs = parse_float(sample.params.get("epochs"))
+    final = _final_run(finals.get((experiment, study_name), []), chosen, paper_error) \
+        if protocol == "validated" else None
+    found = deviations(sample.params, sample.precision) + (final.deviations if final else ())
     return ProtocolResult(
         protocol=protocol,
         study_name=study_name,
@@ -169,9 +255,14 @@ def _protocol_result(protocol: str, studies: list[Study], parents: dict[tuple[st
         failed=sum(s in ("failed", "interrupted", "killed") for s in statuses),
         running=statuses.count("running"),
         epochs=None if epochs is None else int(epochs),
-        deviations=deviations(sample.params),
-        per_lr=tuple(LrOutcome(r.lr, r.status, r.metric("test_error"), r.val_accuracy, r.run_id) for r in reps),
+        deviations=tuple(dict.fromkeys(found)),
+        per_lr=tuple(LrOutcome(r.lr, r.status, r.metric("test_error"), r.val_accuracy, r.run_id, r.attempt,
+                               _collapsed(by_lr[r.lr]), r.tag("dead_classes")) for r in reps),
         other_studies=len(studies) - 1,
+        collapsed=statuses.count("collapsed"),
+        collapsed_attempts=_collapsed(trials),
+        dead_classes=chosen.tag("dead_classes") if chosen else "",
+        final=final,
     )
 
 
@@ -185,6 +276,10 @@ def table3(runs: Sequence[RunRecord], param_counts: dict[tuple[str, str], int]) 
         for r in runs
         if r.tag("role") == "study" and r.tag("kind") == "reproduce"
     }
+    finals: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        if r.tag("role") == "final" and (r.experiment, r.tag("study_name")) in parents:
+            finals[(r.experiment, r.tag("study_name"))].append(r)
     buckets: dict[tuple[str, str, str], list[Study]] = defaultdict(list)
     for key, trials in trials_by_study(runs, "reproduce").items():
         first = trials[0]
@@ -195,7 +290,7 @@ def table3(runs: Sequence[RunRecord], param_counts: dict[tuple[str, str], int]) 
     rows = []
     for (base, branch), entry in TABLE3.items():
         results = {
-            protocol: _protocol_result(protocol, buckets[(base, branch, protocol)], parents, entry.error)
+            protocol: _protocol_result(protocol, buckets[(base, branch, protocol)], parents, finals, entry.error)
             if buckets.get((base, branch, protocol))
             else None
             for protocol in PROTOCOLS

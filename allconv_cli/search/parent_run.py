@@ -280,12 +280,12 @@ def _draw_plots(study: optuna.Study, folder: Path) -> list[str]:
 # retraining the winner
 
 
-def retrain_best(study: optuna.Study, run: StudyRun, console: Console,
-                 final_epochs: int | None = None, register: str | None = None) -> RunOutcome | None:
-    """Train the best trial's config on train + validation (val_size=0) for the full schedule; test once.
-    ``register`` registers its raw-image model under that name."""
+def retrain_best(study: optuna.Study, run: StudyRun, console: Console, final_epochs: int | None = None,
+                 register: str | None = None, trial: FrozenTrial | None = None) -> RunOutcome | None:
+    """Train the best trial's config (or ``trial``'s) on train + validation (val_size=0) for the full schedule; test
+    once. ``register`` registers its raw-image model under that name."""
     settings, parent = run.settings, run.parent_run_id
-    best = best_trial(study)
+    best = trial or best_trial(study)
     if best is None:
         raise AllconvError(f"study {settings.study_name!r} has no complete trial yet: nothing to retrain")
     cfg = best_config(best)

@@ -116,13 +116,18 @@ class TrialHooks(Hooks):
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
+        self.starts = 0  # > 1: a restart after a collapse, whose epochs Optuna already holds from the dead attempt
+
+    def on_start(self, cfg: TrainConfig, model: Any, start_epoch: int) -> None:
+        self.starts += 1
 
     def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        if metrics.val_accuracy is not None:
+        if metrics.val_accuracy is not None and self.starts <= 1:
             self.trial.report(metrics.val_accuracy, metrics.epoch)
 
     def should_stop(self, metrics: EpochMetrics) -> str | None:
-        if metrics.val_accuracy is not None and self.trial.should_prune():
+        # a restart is not judged on the dead attempt's reports (Optuna keeps the first value of each step)
+        if metrics.val_accuracy is not None and self.starts <= 1 and self.trial.should_prune():
             return "pruned"
         return None
 
@@ -256,10 +261,12 @@ class Worker:
             tags[f"{TAG}retry_of"] = str(retry_of)
 
         def created(run_id: str) -> None:
+            if run.get("id"):  # the attempt before collapsed: run_tracked restarts the trial as a new run
+                tracking.try_set_tags(run["id"], {f"{TAG}trial_state": "restarted"})
+            elif previous_run:
+                _close_lost_run(previous_run, run_id, trial.number)
             run["id"] = run_id
             trial.set_user_attr("mlflow_run_id", run_id)
-            if previous_run:
-                _close_lost_run(previous_run, run_id, trial.number)
 
         if self.view is not None:
             self.view.start_trial(trial.number, cfg.epochs)
