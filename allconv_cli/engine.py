@@ -347,7 +347,7 @@ def _collapse_reason(head_dead: bool, epochs: int, last: int, total: int) -> str
             "loss is ln(classes) and no gradient flows)" if head_dead else
             "the network's output was the same for every input")
     when = f"stopped after epoch {last}" if last < total else f"still dead after the last epoch ({last})"
-    return f"{what} for {epochs} epoch(s) in a row (dead ReLUs; it cannot recover), {when}"
+    return f"{what}; dead ReLUs for {epochs} epoch(s) in a row (it cannot recover), {when}"
 
 
 def train_epoch(state: TrainState, split: Split, epoch: int, hooks: Hooks | None = None) -> EpochMetrics:
