@@ -306,7 +306,8 @@ def test_two_workers_record_every_trial_exactly_once(workdir: Path) -> None:
 @pytest.mark.e2e
 def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLCONV_HEARTBEAT_INTERVAL", "1")
-    monkeypatch.setenv("ALLCONV_HEARTBEAT_GRACE", "3")
+    # 8 s without a heartbeat: a live worker's 1 s beats stay inside it even on a loaded 2-core machine
+    monkeypatch.setenv("ALLCONV_HEARTBEAT_GRACE", "8")
     outcome: dict[str, tuple[int, str, str]] = {}
     launcher = threading.Thread(target=lambda: outcome.setdefault("cli", cli(
         "search", *TINY, "--bn", "--epochs", "3", "--space", "tiny.yaml", "--trials", "2", "--workers", "2",
