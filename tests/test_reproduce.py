@@ -174,3 +174,24 @@ def test_validated_lr_is_retrained_on_all_training_images_once(workdir: Path) ->
     assert rows["allconv_a_model"]["protocols"]["paper"]["final"] is None
     code, out, _ = _invoke(["report", "--format", "markdown"])
     assert "## Validated protocol" in out and "## Runs per lr" in out
+
+
+@pytest.mark.unit
+def test_final_run_retrains_the_reports_choice_and_retries_enter_the_study_key() -> None:
+    """Ties in validation accuracy go to the higher lr, as in the report; a collapsed (pruned) lr is never chosen."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    grid = CategoricalDistribution([0.25, 0.1, 0.05])
+    study = optuna.create_study(direction="maximize")
+    for lr, value, state in ((0.05, 0.6, TrialState.COMPLETE), (0.1, 0.6, TrialState.COMPLETE),
+                             (0.25, None, TrialState.PRUNED)):
+        study.add_trial(create_trial(params={"lr": lr}, distributions={"lr": grid}, value=value, state=state))
+    assert reproduce.selected_trial(study).params["lr"] == 0.1
+    assert reproduce.selected_trial(optuna.create_study(direction="maximize")) is None
+    plan = reproduce.ReproducePlan(models=["A"], branches=["model"])
+    default = reproduce.base_config(plan, "A", "model", "paper")
+    once = reproduce.base_config(reproduce.ReproducePlan(collapse_retries=0), "A", "model", "paper")
+    assert default["collapse_retries"] == 2 and once["collapse_retries"] == 0
+    assert reproduce.study_key(default, plan.lrs) != reproduce.study_key(once, plan.lrs)
