@@ -243,16 +243,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
 
-def resumable_run(run_id: str) -> mlflow.entities.Run:
-    """The run to continue with ``--resume``; a run that already ended as finished has nothing left to train."""
-    check_tracking_store(write=True)
-    run = get_run(run_id)
-    status = run.data.tags.get(f"{TAG}status", "")
-    if run.info.status == "FINISHED" and status == "finished":
-        done = run.data.tags.get(f"{TAG}epochs_completed", "?")
-        raise AllconvError(f"run {run_id} already finished ({done} epochs): nothing to resume; start a new run "
-                           "with allconv train (e.g. with more --epochs)")
-    return run
+def finished_epochs(run: mlflow.entities.Run) -> int | None:
+    """The epochs of a run that already ended as finished (nothing is left to resume), else None."""
+    if run.info.status == "FINISHED" and run.data.tags.get(f"{TAG}status", "") == "finished":
+        return int(run.data.tags.get(f"{TAG}epochs_completed", "0") or 0)
+    return None
 
 
 def context_tags(tags: dict[str, str]) -> dict[str, str]:

@@ -158,8 +158,11 @@ def test_resuming_a_finished_run_says_so(tmp_path: Path) -> None:
     import json
 
     run_id = json.loads(run.stdout)["run_id"]
-    run, _ = _allconv(["train", "--resume", run_id], tmp_path)
-    _one_line_exit_2(run, run_id, "already finished (1 epochs)", "nothing to resume")
+    run, _ = _allconv(["train", "--resume", run_id, "--json"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert f"Run {run_id} already finished (1 epochs): nothing to resume" in run.stderr
+    out = json.loads(run.stdout)
+    assert out["run_id"] == run_id and out["epochs"] == 1 and out["resumed"] is False
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

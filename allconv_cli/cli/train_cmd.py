@@ -68,7 +68,17 @@ def train_command(
 
     console = Console(stderr=as_json)
     if resume_run_id:
-        run = tracking.resumable_run(resume_run_id)
+        run = tracking.get_run(resume_run_id)
+        done = tracking.finished_epochs(run)
+        if done is not None:  # says so and stops: no epoch trained, no second model logged
+            console.print(f"Run {resume_run_id} already finished ({done} epochs): nothing to resume; start a new run "
+                          "with allconv train (e.g. with more --epochs)", highlight=False, soft_wrap=True)
+            if as_json:
+                metrics = run.data.metrics
+                click.echo(json.dumps({"run_id": resume_run_id, "status": "finished", "epochs": done,
+                                       "val_accuracy": metrics.get("final_val_accuracy"),
+                                       "test_accuracy": metrics.get("test_accuracy"), "resumed": False}))
+            return
         cfg = TrainConfig.from_params(run.data.params)
         experiment_name = tracking.client().get_experiment(run.info.experiment_id).name
         console.print(f"Resuming run {resume_run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")
