@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from mlflow.tracking._tracking_service import utils as mlflow_uri
 from optuna.trial import TrialState
 
 from allconv_cli.cli import main
@@ -53,6 +54,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         for key in [k for k in os.environ if k.startswith(("MLFLOW_", "ALLCONV_"))]:
             mp.delenv(key)
         mp.setenv("ALLCONV_CACHE_DIR", str(root / "cache"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setattr(mlflow_uri, "_tracking_uri", None)  # a URI an earlier test set globally would win over the env
         mp.chdir(root)
         yield root
 

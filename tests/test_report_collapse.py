@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.tracking._tracking_service import utils as mlflow_uri
 
 from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
@@ -75,6 +76,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(mlflow_uri, "_tracking_uri", None)  # a URI an earlier test set globally would win over the env
         client = MlflowClient(uri)
         s = Store(client, client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts")))
         ids: dict[str, str] = {}
