@@ -6,6 +6,7 @@ Nothing in here is computed: these are the figures printed in the paper and in t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PAPER = (
@@ -96,3 +97,10 @@ OUR_CHOICES: dict[str, object] = {
 def error_percent(accuracy: float | None) -> float | None:
     """Test error in %, as Table 3 prints it, from an accuracy in [0, 1] (None stays None)."""
     return None if accuracy is None else 100.0 * (1.0 - float(accuracy))
+
+
+def validated_key(val_accuracy: float, lr: float | None) -> tuple[float, float]:
+    """The validated protocol's ranking (``max`` of it): the highest final validation accuracy; ties go to the
+    higher lr, never to the better test error. ``allconv reproduce`` retrains the run this picks and the report
+    shows it, so both use this one rule."""
+    return val_accuracy, -math.inf if lr is None else lr

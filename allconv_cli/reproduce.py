@@ -271,15 +271,14 @@ def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | No
 
 
 def selected_trial(study: Any) -> Any:
-    """The complete trial the validated protocol picks: by :func:`~allconv_cli.report.table3.validated_key`, the
+    """The complete trial the validated protocol picks: by :func:`~allconv_cli.paper.validated_key`, the
     report's own rule (the highest final validation accuracy; ties to the higher lr), so the final run retrains
     the run the report shows as selected."""
     from optuna.trial import TrialState
 
-    from allconv_cli.report.table3 import validated_key
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return max(complete, key=lambda t: validated_key(t.value, t.params.get("lr")), default=None)
+    return max(complete, key=lambda t: paper.validated_key(t.value, t.params.get("lr")), default=None)
 
 
 def final_run(outcome: Any, name: str, console: Any) -> Any:

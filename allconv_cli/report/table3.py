@@ -154,13 +154,7 @@ def select_run(trials: Sequence[RunRecord], protocol: str) -> RunRecord | None:
     if protocol != "validated":
         raise AllconvError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     with_val = [r for r in candidates if r.val_accuracy is not None]
-    return max(with_val, key=lambda r: validated_key(r.val_accuracy, r.lr), default=None)
-
-
-def validated_key(val_accuracy: float, lr: float | None) -> tuple[float, float]:
-    """The validated protocol's ranking (``max`` of it): the highest final validation accuracy; ties go to the
-    higher lr, never to the better test error. ``allconv reproduce`` retrains the run this picks."""
-    return val_accuracy, -math.inf if lr is None else lr
+    return max(with_val, key=lambda r: paper.validated_key(r.val_accuracy, r.lr), default=None)
 
 
 def deviations(params: dict[str, str], precision: str = "") -> tuple[str, ...]:
