@@ -10,7 +10,6 @@ study's ``final`` run) when there is one.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
