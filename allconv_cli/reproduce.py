@@ -183,7 +183,7 @@ def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, 
                     heartbeat_interval: int | None = None, grace_period: int | None = None) -> SearchSettings:
     """The :class:`~allconv_cli.search.SearchSettings` of one network's study."""
     from allconv_cli import spaces
-    from allconv_cli.tracking import TAG
+    from allconv_cli.tracking.store import TAG
 
     cfg = base_config(plan, base, branch, protocol)
     text = grid_space_text(plan.lrs, protocol)

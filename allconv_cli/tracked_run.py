@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from mlflow.entities import Metric, RunTag
 
-from allconv_cli import tracking
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, load_onto
 from allconv_cli.engine import (
@@ -33,7 +32,8 @@ from allconv_cli.engine import (
     train,
 )
 from allconv_cli.served_model import log_models
-from allconv_cli.tracking import RUN_STATUS, TAG, client, retrying
+from allconv_cli.tracking import store
+from allconv_cli.tracking.store import RUN_STATUS, TAG, client, retrying
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def run_tracked(
     if source_run:
         number, seed = _attempt_of(source_run, cfg.seed)
         try:
-            resume_path = tracking.download_checkpoint(source_run)
+            resume_path = store.download_checkpoint(source_run)
             start_epoch = load_checkpoint(resume_path)["epoch"]
         except CheckpointError as exc:
             if not restart_on_bad_checkpoint:
@@ -124,9 +124,9 @@ def run_tracked(
         if on_run_created is not None:
             on_run_created(run_id)
         if problem:
-            tracking.client().set_tag(run_id, f"{tracking.TAG}checkpoint_problem", problem[:5000])
+            store.client().set_tag(run_id, f"{store.TAG}checkpoint_problem", problem[:5000])
         if checkpoint_from_run:
-            tracking.client().set_tag(run_id, f"{tracking.TAG}resumed_from_run", checkpoint_from_run)
+            store.client().set_tag(run_id, f"{store.TAG}resumed_from_run", checkpoint_from_run)
         result = _train_run(cfg, data, device, run_id, hooks=hooks, resume_path=resume_path, seed=seed,
                             resumed=bool(resume_run_id), checkpoint_every=checkpoint_every, log_model=log_model,
                             register=register)
@@ -149,7 +149,7 @@ def run_tracked(
 def _attempt_of(run_id: str, seed: int) -> tuple[int, int]:
     """The attempt number and seed a run was trained with (runs from before attempts existed: 1 and ``seed``)."""
     try:
-        found = tracking.get_run(run_id).data.tags
+        found = store.get_run(run_id).data.tags
         return int(found.get(f"{TAG}attempt", 1)), int(found.get(f"{TAG}init_seed", seed))
     except Exception:  # an unreadable source run: the caller's checkpoint handling decides what happens
         return 1, seed
@@ -161,13 +161,13 @@ def _open_run(cfg: TrainConfig, data: Dataset, device: torch.device, *, experime
     """Reopen ``resume_run_id``, or create a run (with its dataset input) for this attempt; returns its id."""
     attempt_tags = {f"{TAG}precision": precision(device, cfg.amp)}
     if resume_run_id:
-        tracking.reopen_run(resume_run_id)
-        tracking.set_tags(resume_run_id, attempt_tags)
+        store.reopen_run(resume_run_id)
+        store.set_tags(resume_run_id, attempt_tags)
         return resume_run_id
     attempt_tags |= {f"{TAG}attempt": str(attempt), f"{TAG}init_seed": str(seed)}
     if retry_of:
         attempt_tags[f"{TAG}collapse_retry_of"] = retry_of
-    run_id = tracking.start_run(
+    run_id = store.start_run(
         cfg,
         experiment=experiment,
         run_name=run_name,
@@ -177,10 +177,10 @@ def _open_run(cfg: TrainConfig, data: Dataset, device: torch.device, *, experime
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         data_fingerprint=data.fingerprint,
     )
-    tracking.log_dataset(run_id, cfg, data.fingerprint, len(data.train), len(data.val) if data.val else 0,
+    store.log_dataset(run_id, cfg, data.fingerprint, len(data.train), len(data.val) if data.val else 0,
                          len(data.test))
     if retry_of:
-        tracking.set_tags(retry_of, {f"{TAG}collapse_retried_by": run_id})
+        store.set_tags(retry_of, {f"{TAG}collapse_retried_by": run_id})
     return run_id
 
 
@@ -190,14 +190,14 @@ def _train_run(cfg: TrainConfig, data: Dataset, device: torch.device, run_id: st
     """Train one attempt into ``run_id`` and record how it ended (an exception marks the run failed or killed)."""
     all_hooks = HookList([MlflowHooks(run_id, checkpoint_every), *hooks])
     with tempfile.TemporaryDirectory(prefix="allconv-ckpt-") as checkpoint_dir, \
-            tracking.system_metrics(run_id, resume=resumed):
+            store.system_metrics(run_id, resume=resumed):
         try:
             result = train(cfg, data, device=device, checkpoint_dir=Path(checkpoint_dir), hooks=all_hooks,
                            resume_from=resume_path, seed=seed)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 interrupted = isinstance(exc, KeyboardInterrupt)
-                tracking.mark_failed(run_id, f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
+                store.mark_failed(run_id, f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
             raise
         finish_run(run_id, result, cfg=cfg, data=data, log_model=log_model, register=register)
     return result

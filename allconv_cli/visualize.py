@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from allconv_cli import saliency, tracking
+from allconv_cli import saliency
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import NUM_CLASSES, DataConfig, Dataset, load_onto, load_raw, pick_test_indices, split_indices
 from allconv_cli.engine import build_model, load_checkpoint, resolve_device
 from allconv_cli.errors import AllconvError
+from allconv_cli.tracking import store
 
 WEIGHTS: tuple[str, ...] = ("model", "best", "last")  # the logged MLflow model, or checkpoints/{best,last}.pt
 SPLITS: tuple[str, ...] = ("val", "test")
@@ -90,7 +91,7 @@ def visualize_run(
         raise AllconvError(f"top={top}: show at least 1 image per unit")
     if out is not None:
         _check_out(out)
-    run = tracking.get_run(run_id)
+    run = store.get_run(run_id)
     cfg = TrainConfig.from_params(run.data.params)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
@@ -110,7 +111,7 @@ def visualize_run(
     model, source = load_weights(run_id, skeleton, weights, dev, notes)
 
     data = load_onto(data_cfg, dev)
-    recorded = run.data.tags.get(f"{tracking.TAG}data_hash")
+    recorded = run.data.tags.get(f"{store.TAG}data_hash")
     if recorded and recorded != data.fingerprint:
         notes.append(f"the data rebuilt here (hash {data.fingerprint}) differs from the run's ({recorded})")
     x, labels, raw = split_with_raw(data, data_cfg, split)
@@ -132,7 +133,7 @@ def visualize_run(
              f"guided (f>0)(R>0)R;\nshown in the network's input space ({cfg.preprocess}), min-max normalised each")
     draw(out, title, panels, raw, labels, data.classes)
     artifact = f"{ARTIFACT_DIR}/{out.name}"
-    tracking.retrying(tracking.client().log_artifact, run_id, str(out), ARTIFACT_DIR)
+    store.retrying(store.client().log_artifact, run_id, str(out), ARTIFACT_DIR)
     return Visualization(out, run_id, layer, chosen, split, source, time.perf_counter() - started, artifact, notes)
 
 
@@ -175,7 +176,7 @@ def load_weights(run_id: str, skeleton: nn.Module, weights: str, device: torch.d
             notes.append(f"run {run_id} has no loadable logged model ({type(exc).__name__}): using checkpoints/best.pt")
             weights = "best"
     try:
-        path = tracking.download_checkpoint(run_id, weights)
+        path = store.download_checkpoint(run_id, weights)
     except AllconvError:
         raise AllconvError(f"run {run_id} has no checkpoints/{weights}.pt: try --weights model, best or last") from None
     state = load_checkpoint(path)

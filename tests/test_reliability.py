@@ -12,9 +12,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-from allconv_cli import runtime, stores, tracking
+from allconv_cli import runtime, stores
 from allconv_cli.config import SEED_MAX, TrainConfig
 from allconv_cli.errors import AllconvError
+from allconv_cli.tracking import store
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -65,8 +66,8 @@ def test_retrying_is_one_bounded_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Transient failures back off 1, 2, 4 s... until the budget would be exceeded, then one AllconvError line."""
     sleeps: list[float] = []
     clock = [0.0]
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(store.time, "sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
+    monkeypatch.setattr(store.time, "monotonic", lambda: clock[0])
     calls = []
 
     def down() -> None:
@@ -74,14 +75,14 @@ def test_retrying_is_one_bounded_layer(monkeypatch: pytest.MonkeyPatch) -> None:
         raise MlflowException("Connection refused", error_code=TEMPORARILY_UNAVAILABLE)
 
     with pytest.raises(AllconvError) as info:
-        tracking.retrying(down, budget=20)
+        store.retrying(down, budget=20)
     assert sleeps == [1, 2, 4, 8] and len(calls) == 5  # 1+2+4+8 = 15; a 16 s wait would pass 20
     assert "did not answer for 15 s" in str(info.value) and runtime.ENV_RETRY_SECONDS in str(info.value)
 
     monkeypatch.setenv(runtime.ENV_RETRY_SECONDS, "0")
     calls.clear()
     with pytest.raises(AllconvError):
-        tracking.retrying(down)
+        store.retrying(down)
     assert len(calls) == 1
 
     def bad_request() -> None:
@@ -90,7 +91,7 @@ def test_retrying_is_one_bounded_layer(monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls.clear()
     with pytest.raises(MlflowException):
-        tracking.retrying(bad_request, budget=100)
+        store.retrying(bad_request, budget=100)
     assert len(calls) == 1  # not transient: no retry
 
 

@@ -139,32 +139,32 @@ def test_corrupted_checkpoint_restarts_the_trial_from_scratch(
 ) -> None:
     """A retried trial whose dead run's ``checkpoints/last.pt`` is garbage (through the server): detected, recorded on
     the new run, and the trial trains from epoch 1 instead of crashing."""
-    from allconv_cli import tracking
     from allconv_cli.config import TrainConfig
     from allconv_cli.tracked_run import run_tracked
+    from allconv_cli.tracking import store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "cache"))
     cfg = TrainConfig(model="A", branch="strided", dataset="fake", subset=100, val_size=50, preprocess="standardize",
                       bn=True, epochs=2, batch_size=50, device="cpu")
-    dead = tracking.start_run(cfg, experiment="services-corrupt", run_name="dead")
+    dead = store.start_run(cfg, experiment="services-corrupt", run_name="dead")
     garbage = tmp_path / "checkpoints" / "last.pt"
     garbage.parent.mkdir()
     garbage.write_bytes(b"PK\x03\x04 this is not a checkpoint" + os.urandom(512))
-    tracking.client().log_artifact(dead, str(garbage), "checkpoints")
+    store.client().log_artifact(dead, str(garbage), "checkpoints")
 
     outcome = run_tracked(cfg, experiment="services-corrupt", run_name="retry", checkpoint_from_run=dead,
                           restart_on_bad_checkpoint=True, log_model=False)
     assert outcome.result.status == "finished" and outcome.result.epochs_completed == 2
     assert outcome.resumed_from_epoch == 0
     assert "corrupted" in outcome.checkpoint_problem
-    run = tracking.client().get_run(outcome.run_id)
+    run = store.client().get_run(outcome.run_id)
     assert "corrupted" in run.data.tags["allconv.checkpoint_problem"]
     assert run.data.tags["allconv.resumed_from_run"] == dead
-    steps = [m.step for m in tracking.client().get_metric_history(outcome.run_id, "val_accuracy")]
+    steps = [m.step for m in store.client().get_metric_history(outcome.run_id, "val_accuracy")]
     assert sorted(steps) == [1, 2], "trained from scratch: every epoch logged on the new run"
     # and the new run's own checkpoint is a good one, downloadable through the server
-    good = tracking.download_checkpoint(outcome.run_id)
+    good = store.download_checkpoint(outcome.run_id)
     assert torch.load(good, weights_only=True)["epoch"] == 2
 
 

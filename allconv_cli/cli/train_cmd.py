@@ -61,15 +61,15 @@ def train_command(
 
     from rich.console import Console
 
-    from allconv_cli import tracking
     from allconv_cli.config import TrainConfig
     from allconv_cli.progress import RichProgress, summary_table
     from allconv_cli.tracked_run import run_tracked
+    from allconv_cli.tracking import store
 
     console = Console(stderr=as_json)
     if resume_run_id:
-        run = tracking.get_run(resume_run_id)
-        done = tracking.finished_epochs(run)
+        run = store.get_run(resume_run_id)
+        done = store.finished_epochs(run)
         if done is not None:  # says so and stops: no epoch trained, no second model logged
             console.print(f"Run {resume_run_id} already finished ({done} epochs): nothing to resume; start a new run "
                           "with allconv train (e.g. with more --epochs)", highlight=False, soft_wrap=True)
@@ -80,7 +80,7 @@ def train_command(
                                        "test_accuracy": metrics.get("test_accuracy"), "resumed": False}))
             return
         cfg = TrainConfig.from_params(run.data.params)
-        experiment_name = tracking.client().get_experiment(run.info.experiment_id).name
+        experiment_name = store.client().get_experiment(run.info.experiment_id).name
         console.print(f"Resuming run {resume_run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")
     else:
         cfg = TrainConfig(**options)
@@ -115,7 +115,7 @@ def train_command(
                     "test_loss": result.test_loss,
                     "images_per_second": result.images_per_second,
                     "seconds": result.seconds,
-                    "tracking_uri": tracking.tracking_uri(),
+                    "tracking_uri": store.tracking_uri(),
                     "experiment": experiment_name,
                     "attempts": [dataclasses.asdict(a) for a in outcome.attempts],
                 }
@@ -123,9 +123,9 @@ def train_command(
         )
     else:
         console.print(summary_table(result, outcome.run_id))
-    run = tracking.get_run(outcome.run_id)
-    where = "" if tracking.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
-    console.print(f"Open the run{where}: {tracking.ui_url(run.info.experiment_id, outcome.run_id)}", soft_wrap=True)
+    run = store.get_run(outcome.run_id)
+    where = "" if store.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
+    console.print(f"Open the run{where}: {store.ui_url(run.info.experiment_id, outcome.run_id)}", soft_wrap=True)
     if result.status == "interrupted":
         console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}")
         sys.exit(130)

@@ -11,13 +11,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from allconv_cli import tracking
 from allconv_cli.paper import PAPER, REPRODUCTION_2020
 from allconv_cli.report.plot import write_bar_chart
 from allconv_cli.report.render import render_csv, render_json, render_markdown, render_rich, wide_console
 from allconv_cli.report.runs import RunRecord, load_runs
 from allconv_cli.report.studies import Ablation, StudySummary, search_studies
 from allconv_cli.report.table3 import NetworkRow, ProtocolResult, exact_params, table3
+from allconv_cli.tracking import store
 
 __all__ = [
     "Report",
@@ -64,7 +64,7 @@ def build_report(experiments: Sequence[str] | None = None, networks: Collection[
     runs, names = load_runs(experiments)
     rows = [row for row in table3(runs, exact_params()) if networks is None or (row.base, row.branch) in networks]
     studies, ablations = search_studies(runs) if include_studies else ([], [])
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     return Report(uri, tuple(names), tuple(rows), tuple(studies), tuple(ablations),
                   _notes(runs, names, rows, uri))
 

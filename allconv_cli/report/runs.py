@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from allconv_cli import tracking
 from allconv_cli.errors import AllconvError
+from allconv_cli.tracking import store
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class RunRecord:
     metrics: dict[str, float]
 
     def tag(self, key: str, default: str = "") -> str:
-        return self.tags.get(tracking.TAG + key, default)
+        return self.tags.get(store.TAG + key, default)
 
     @property
     def status(self) -> str:
@@ -95,14 +95,14 @@ def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord]
 
     A named experiment that does not exist is a user error that lists the ones that do.
     """
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         # nothing was ever tracked here; MLflow would create an empty database just to find that out
         if experiments:
             raise AllconvError(f"no MLflow store at {uri}: run `allconv reproduce` here first, or set "
                                "MLFLOW_TRACKING_URI to the store that holds the runs")
         return [], []
-    mlc = tracking.client()
+    mlc = store.client()
     known = {exp.name: exp.experiment_id for exp in _pages(mlc.search_experiments, max_results=1000)}
     if experiments:
         missing = [name for name in experiments if name not in known]
@@ -141,7 +141,7 @@ def _pages(search: Any, *args: Any, **kwargs: Any) -> list[Any]:
     items: list[Any] = []
     token = None
     while True:
-        page = tracking.retrying(search, *args, page_token=token, **kwargs)
+        page = store.retrying(search, *args, page_token=token, **kwargs)
         items += list(page)
         token = page.token
         if not token:

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from allconv_cli.search.settings import SearchSettings
-from allconv_cli.tracking import TAG
+from allconv_cli.tracking.store import TAG
 
 SURPLUS_ATTR = f"{TAG}surplus"
 DUPLICATE_ATTR = f"{TAG}duplicate_of"  # the number of the trial whose sampled values this one repeated

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from allconv_cli import paper, tracking
+from allconv_cli import paper
 from allconv_cli.config import TrainConfig
 from allconv_cli.errors import AllconvError
 from allconv_cli.progress import RichProgress
@@ -28,7 +28,8 @@ from allconv_cli.search.budget import count_trials
 from allconv_cli.search.settings import OBJECTIVES, SearchSettings, StudyRun, first_line, safe_url
 from allconv_cli.search.storage import PARENT_ATTR, UID_ATTR, wait_for_attr
 from allconv_cli.tracked_run import RunOutcome, prepare_data, run_tracked
-from allconv_cli.tracking import TAG
+from allconv_cli.tracking import store
+from allconv_cli.tracking.store import TAG
 
 STUDY_STATE = {"done": "complete", "timeout": "incomplete", "pending": "incomplete", "interrupted": "interrupted",
                "exhausted": "exhausted", "failed": "failed"}
@@ -39,7 +40,7 @@ def _run_alive(run_id: str | None) -> bool:
     if not run_id:
         return False
     try:
-        run = tracking.get_run(run_id)
+        run = store.get_run(run_id)
     except Exception:
         return False
     return run.info.lifecycle_stage == "active"
@@ -56,12 +57,12 @@ def ensure_parent_run(study: optuna.Study, settings: SearchSettings, creator: bo
     if stored is None and not creator:
         stored = wait_for_attr(study, PARENT_ATTR).get(PARENT_ATTR)
     if _run_alive(stored):
-        tracking.try_set_tags(stored, settings.run_tags)  # also on parents made before the tags existed
+        store.try_set_tags(stored, settings.run_tags)  # also on parents made before the tags existed
         return stored
-    mlc = tracking.client()
-    exp_id = tracking.experiment_id(settings.experiment)
+    mlc = store.client()
+    exp_id = store.experiment_id(settings.experiment)
     uid = study.user_attrs.get(UID_ATTR, "")
-    found = tracking.retrying(
+    found = store.retrying(
         mlc.search_runs, [exp_id],
         filter_string=f"tags.`{TAG}study_uid` = '{uid}' and tags.`{TAG}role` = 'study'",
         order_by=["attributes.start_time ASC"], max_results=1,
@@ -75,7 +76,7 @@ def ensure_parent_run(study: optuna.Study, settings: SearchSettings, creator: bo
     if created and winner != run_id:
         with contextlib.suppress(Exception):
             mlc.delete_run(run_id)
-    tracking.try_set_tags(winner, settings.run_tags)
+    store.try_set_tags(winner, settings.run_tags)
     return winner
 
 
@@ -91,26 +92,26 @@ def _create_parent(exp_id: str, study: optuna.Study, settings: SearchSettings) -
         f"{TAG}space_sha": space.sha,
         f"{TAG}sampler": space.sampler,
         f"{TAG}pruner": settings.pruner,
-        **tracking.config_tags(cfg),
+        **store.config_tags(cfg),
         "mlflow.note.content": f"Optuna study {settings.study_name}: {space.description or space.source}",
         **settings.run_tags,
     }
-    run = tracking.retrying(tracking.client().create_run, exp_id, tags=tracking.context_tags(tags),
+    run = store.retrying(store.client().create_run, exp_id, tags=store.context_tags(tags),
                             run_name=settings.study_name)
     run_id = run.info.run_id
     params = {k: v for k, v in cfg.to_params().items() if k not in space.params}
-    tracking.log_params(run_id, {**params, "objective": OBJECTIVES[settings.objective]})
-    tracking.retrying(tracking.client().log_text, run_id, space.text, "space.yaml")
+    store.log_params(run_id, {**params, "objective": OBJECTIVES[settings.objective]})
+    store.retrying(store.client().log_text, run_id, space.text, "space.yaml")
     entry = paper.TABLE3.get((cfg.model, cfg.branch))
     if entry is not None:
-        tracking.log_metrics(run_id, {"paper_test_error": entry.error, "paper_2020_test_error": entry.error_2020})
+        store.log_metrics(run_id, {"paper_test_error": entry.error, "paper_2020_test_error": entry.error_2020})
     return run_id
 
 
 def experiment_of(run_id: str, wanted: str, console: Console) -> str:
     """Children go where the parent is, so the UI nests them; say so if that is not ``wanted``."""
-    run = tracking.get_run(run_id)
-    name = tracking.retrying(tracking.client().get_experiment, run.info.experiment_id).name or wanted
+    run = store.get_run(run_id)
+    name = store.retrying(store.client().get_experiment, run.info.experiment_id).name or wanted
     if name != wanted:
         console.print(f"note: the study's MLflow runs are in experiment {name!r} (not {wanted!r}): continuing there")
     return name
@@ -118,15 +119,15 @@ def experiment_of(run_id: str, wanted: str, console: Console) -> str:
 
 def open_parent(run_id: str) -> None:
     with contextlib.suppress(Exception):
-        tracking.retrying(tracking.client().update_run, run_id, status="RUNNING")
-    tracking.try_set_tags(run_id, {f"{TAG}study_state": "running"})
+        store.retrying(store.client().update_run, run_id, status="RUNNING")
+    store.try_set_tags(run_id, {f"{TAG}study_state": "running"})
 
 
 def close_parent(run_id: str, status: str, settings: SearchSettings) -> None:
     state = STUDY_STATE.get(status, status)
-    tracking.try_set_tags(run_id, {f"{TAG}study_state": state, f"{TAG}target_trials": str(settings.trials)})
+    store.try_set_tags(run_id, {f"{TAG}study_state": state, f"{TAG}target_trials": str(settings.trials)})
     with contextlib.suppress(Exception):
-        tracking.retrying(tracking.client().set_terminated, run_id, RUN_END.get(status, "FINISHED"))
+        store.retrying(store.client().set_terminated, run_id, RUN_END.get(status, "FINISHED"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def best_config(trial: FrozenTrial) -> TrainConfig | None:
     if not run_id:
         return None
     try:
-        return TrainConfig.from_params(tracking.get_run(run_id).data.params)
+        return TrainConfig.from_params(store.get_run(run_id).data.params)
     except Exception:
         return None
 
@@ -168,7 +169,7 @@ def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str,
         test_acc = None
         if run_id:
             with contextlib.suppress(Exception):
-                test_acc = tracking.get_run(run_id).data.metrics.get("test_accuracy")
+                test_acc = store.get_run(run_id).data.metrics.get("test_accuracy")
         summary["best"] = {"trial": best.number, "val_accuracy": best.value, "test_accuracy": test_acc,
                            "params": dict(best.params), "config": config, "mlflow_run_id": run_id}
         metrics |= {"best_val_accuracy": best.value, "best_trial_test_accuracy": test_acc,
@@ -177,8 +178,8 @@ def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str,
                 **{f"best.{k}": str(v) for k, v in config.items()}}
     tags["mlflow.note.content"] = describe_study(settings, c.finished, summary["best"])
     if parent:
-        tracking.log_metrics(parent, metrics, step=c.finished)
-        tracking.set_tags(parent, tags)
+        store.log_metrics(parent, metrics, step=c.finished)
+        store.set_tags(parent, tags)
         with tempfile.TemporaryDirectory(prefix="allconv-summary-") as tmp:
             folder = Path(tmp)
             (folder / "best_params.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -188,7 +189,7 @@ def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str,
                                                                                       index=False)
             for note in _plots(study, folder):
                 console.print(f"note: {note}", highlight=False)
-            tracking.retrying(tracking.client().log_artifacts, parent, str(folder), "summary")
+            store.retrying(store.client().log_artifacts, parent, str(folder), "summary")
     return summary
 
 
@@ -294,8 +295,8 @@ def retrain_best(study: optuna.Study, run: StudyRun, console: Console, final_epo
     device = settings.base_config.get("device", cfg.device)
     cfg = dataclasses.replace(cfg, val_size=0, epochs=final_epochs or cfg.epochs, device=device)
     uid = study.user_attrs.get(UID_ATTR, "")
-    done = tracking.retrying(
-        tracking.client().search_runs, [tracking.experiment_id(run.experiment)],
+    done = store.retrying(
+        store.client().search_runs, [store.experiment_id(run.experiment)],
         filter_string=(f"tags.`{TAG}study_uid` = '{uid}' and tags.`{TAG}role` = 'final'"
                        f" and tags.`{TAG}best_trial` = '{best.number}' and attributes.status = 'FINISHED'"
                        f" and params.epochs = '{cfg.epochs}'"),
@@ -313,15 +314,15 @@ def retrain_best(study: optuna.Study, run: StudyRun, console: Console, final_epo
                               tags=tags, hooks=[progress], data=data, log_model=True, register=register)
     if parent:
         result = outcome.result
-        tracking.log_metrics(parent, {"final_test_accuracy": result.test_accuracy,
+        store.log_metrics(parent, {"final_test_accuracy": result.test_accuracy,
                                       "final_test_error": result.test_error})
-        tracking.set_tags(parent, {f"{TAG}final_run_id": outcome.run_id})
+        store.set_tags(parent, {f"{TAG}final_run_id": outcome.run_id})
     return outcome
 
 
 def study_address(run: StudyRun) -> str:
     """The line that tells where to look at the study: its parent run's page in MLflow's training-runs view (the
     trials are listed there as child runs)."""
-    exp_id = tracking.get_run(run.parent_run_id).info.experiment_id
-    where = "" if tracking.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
-    return f"Open the study{where}: {tracking.ui_url(exp_id, run.parent_run_id)}"
+    exp_id = store.get_run(run.parent_run_id).info.experiment_id
+    where = "" if store.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
+    return f"Open the study{where}: {store.ui_url(exp_id, run.parent_run_id)}"

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from allconv_cli.search.budget import Excluded, takes_a_place
 from allconv_cli.spaces import SearchSpace
-from allconv_cli.tracking import TAG
+from allconv_cli.tracking.store import TAG
 
 CHECKED_ATTR = f"{TAG}distinct"  # set once a trial's sampled values passed the check: it owns them
 WAIT = "wait"

@@ -33,7 +33,7 @@ from allconv_cli.search.settings import (
     safe_url,
 )
 from allconv_cli.spaces import SearchSpace
-from allconv_cli.tracking import TAG
+from allconv_cli.tracking.store import TAG
 
 # the study's user attributes
 PARENT_ATTR = f"{TAG}parent_run_id"

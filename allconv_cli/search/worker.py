@@ -26,7 +26,6 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from rich.console import Console
 
-from allconv_cli import tracking
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import DataConfig, Dataset, load_onto
 from allconv_cli.engine import EpochMetrics, Hooks, resolve_device
@@ -46,7 +45,8 @@ from allconv_cli.search.settings import SearchSettings, StudyRun, first_line
 from allconv_cli.search.storage import UID_ATTR
 from allconv_cli.search.view import SearchView
 from allconv_cli.tracked_run import run_tracked
-from allconv_cli.tracking import TAG
+from allconv_cli.tracking import store
+from allconv_cli.tracking.store import TAG
 
 
 class DataCache:
@@ -262,7 +262,7 @@ class Worker:
 
         def created(run_id: str) -> None:
             if run.get("id"):  # the attempt before collapsed: run_tracked restarts the trial as a new run
-                tracking.try_set_tags(run["id"], {f"{TAG}trial_state": "restarted"})
+                store.try_set_tags(run["id"], {f"{TAG}trial_state": "restarted"})
             elif previous_run:
                 _close_lost_run(previous_run, run_id, trial.number)
             run["id"] = run_id
@@ -277,7 +277,7 @@ class Worker:
             restart_on_bad_checkpoint=True, hooks=hooks, data=data, log_model=False, on_run_created=created,
         )
         if outcome.resumed_from_epoch:
-            tracking.try_set_tags(outcome.run_id, {f"{TAG}resumed_from_epoch": str(outcome.resumed_from_epoch)})
+            store.try_set_tags(outcome.run_id, {f"{TAG}resumed_from_epoch": str(outcome.resumed_from_epoch)})
         result = outcome.result
         if result.status == "finished":
             test_objective = self.settings.objective == "test_accuracy"
@@ -319,15 +319,15 @@ class Worker:
         tags = {f"{TAG}trial_state": name}
         if reason and reason != REASON_INTERRUPTED:  # the engine's own reason says more (which epoch)
             tags[f"{TAG}reason"] = reason
-        tracking.try_set_tags(run_id, tags)
+        store.try_set_tags(run_id, tags)
         return name
 
 
 def _close_lost_run(lost_run: str, new_run: str, trial_number: int) -> None:
     """The run of a dead worker is still RUNNING in MLflow: mark it failed and point to its retry."""
     with contextlib.suppress(Exception):
-        run = tracking.get_run(lost_run)
+        run = store.get_run(lost_run)
         if run.info.status == "RUNNING":
-            tracking.mark_failed(lost_run, f"worker lost; retried as trial {trial_number} in run {new_run}")
-            tracking.try_set_tags(lost_run, {f"{TAG}trial_state": "failed"})
-        tracking.try_set_tags(lost_run, {f"{TAG}retried_as": new_run})
+            store.mark_failed(lost_run, f"worker lost; retried as trial {trial_number} in run {new_run}")
+            store.try_set_tags(lost_run, {f"{TAG}trial_state": "failed"})
+        store.try_set_tags(lost_run, {f"{TAG}retried_as": new_run})
