@@ -7,6 +7,7 @@ Torch-, MLflow- and Optuna-free, so the CLI can call them before anything heavy 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -15,6 +16,28 @@ from allconv_cli.errors import AllconvError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow >= 3.7's own default, artifacts in ./mlruns
 DOCKER_HINT = "in Docker, run the container as the folder's owner: docker run --user $(id -u):$(id -g) ..."
+
+
+# Query parameters that carry secrets in database and server URLs (psycopg accepts ?password=...).
+_SECRET_KEY = re.compile(r"pass(word)?|pwd|secret|token|sslkey|api[_-]?key", re.IGNORECASE)
+
+
+def safe_url(url: str) -> str:
+    """``url`` with every secret replaced by ``***``: the password of ``user:password@`` (which may itself hold
+    ``@``: the user part ends at the last ``@`` before the query) and secret query parameters. A string that is not
+    a URL but could hold a secret (an ``@`` or ``=``) is hidden whole. The one way an address is printed or stored."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if ("@" in url or "=" in url) else url
+    main, question, query = rest.partition("?")
+    userinfo, at, hostpart = main.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        main = f"{user}{':***' if colon else ''}@{hostpart}"
+    if question:
+        items = (item.partition("=") for item in query.split("&"))
+        query = "&".join(f"{k}=***" if eq and _SECRET_KEY.search(k) else f"{k}{eq}{v}" for k, eq, v in items)
+    return f"{scheme}://{main}{question}{query}"
 
 
 def sqlite_path(url: str) -> Path | None:

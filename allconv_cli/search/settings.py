@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from allconv_cli import config, paper
 from allconv_cli.errors import AllconvError
+from allconv_cli.stores import safe_url  # noqa: F401 (re-exported until the search rewrite)
 
 if TYPE_CHECKING:
     from allconv_cli.spaces import SearchSpace
@@ -89,17 +90,6 @@ def default_study_name(model: str, branch: str, space_name: str) -> str:
 
 def default_storage_url() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_STORAGE_FILE}"
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for tags, messages and the terminal."""
-    try:
-        import sqlalchemy
-
-        parsed = sqlalchemy.engine.make_url(url)
-        return parsed.render_as_string(hide_password=True) if parsed.password else url  # user:***@host
-    except Exception:  # not a URL at all: there is no password to hide in it
-        return url
 
 
 def heartbeat_settings(interval: int | None = None, grace_period: int | None = None) -> dict[str, int]:
