@@ -12,3 +12,14 @@ class AllconvError(Exception):
     """An error caused by user input; the message names the bad value and the fix, on one line."""
 
     exit_code = 2
+
+
+class StoreUnavailable(AllconvError):
+    """A store (MLflow's, or the Optuna storage) did not answer within the retry budget. Not the user's input: a
+    search trial it stops is re-queued and does not count."""
+
+
+def first_line(exc: object) -> str:
+    """An exception's first line, whitespace collapsed (its type name if it has no message): for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return " ".join(text[0].split()) if text else type(exc).__name__

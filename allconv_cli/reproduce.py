@@ -1,28 +1,11 @@
 """``allconv reproduce``: the paper's Table 3 experiment, one Optuna grid study per network, on search's machinery.
 
-Why it is built on :mod:`allconv_cli.search` rather than a loop over ``allconv train``:
-
-* A reproduction is a hyperparameter search with a fixed grid: the paper trained each network once per learning
-  rate in {0.25, 0.1, 0.05, 0.01} and reported the best. As an Optuna study with a grid sampler it gets
-  everything ``allconv search`` has: every trial is an MLflow child run of one parent run per study; rerunning the
-  command resumes (finished lrs are not trained again, an interrupted one continues from its checkpoint); several
-  processes or hosts sharing ``--storage`` split the grid between them, and a lost worker's trial is retried.
-* One study per network and protocol, named ``reproduce-<protocol>-allconv_<base>_<branch>-<key>``, where ``key``
-  hashes every setting that changes what a trial learns (epochs, data, lrs, ...). The same command therefore
-  resumes its studies, while a smoke run with ``--epochs 2`` and the real run never mix; ``allconv report``
-  reports the most recent study of each network.
-* Two protocols. ``paper``: train on all training images (``val_size=0``) and, as the paper did, pick the lr by
-  test error; the Optuna objective is then the test accuracy, which is honest about what that selection is.
-  ``validated``: hold out ``--val-size`` images, the objective is the final validation accuracy; once every lr is
-  done, the lr the validation split picked is retrained on all training images (same epochs, a new run tagged
-  ``allconv.role=final``, search's ``retrain_best``) and tested once: the report's "ours (validated)" is that run,
-  next to the selection run, so the number is comparable with the paper's 50,000-image ones.
-* A run that collapses (dead ReLUs: with the paper's ReLU on the class scores it can happen at any lr) is restarted
-  by :func:`~allconv_cli.tracked_run.run_tracked` with a new seed, up to ``--collapse-retries`` times; a grid point
-  is lost only when every attempt collapsed, and the report counts the collapsed attempts per lr.
-* Processes that share a storage go through the networks in the same order, take whatever lrs are still free,
-  and only at the end wait for trials running elsewhere (so a lost worker's trial is retried): N hosts running the
-  same command spread over all 12 x 4 trials instead of waiting on each other network by network.
+A reproduction is a search with a fixed grid (the paper trained each network once per lr in {0.25, 0.1, 0.05, 0.01}),
+so each network is one study (:func:`allconv_cli.search.study.run_study`) with everything a study has: resume,
+many hosts on one ``--storage``, lost workers' trials retried. Its name hashes every setting that changes what a trial
+learns, so a smoke run and the real one never mix. Protocols: ``paper`` (all training images; the lr picked by test
+accuracy, as the paper did) and ``validated`` (picked on a validation split by :func:`allconv_cli.paper.validated_key`,
+then retrained on all training images and tested once). Why it is built so: docs/design.md.
 """
 
 from __future__ import annotations
@@ -37,7 +20,8 @@ from typing import Any
 from allconv_cli import paper
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import BASES, BRANCHES, TABLE3
-from allconv_cli.search.settings import SearchSettings, default_storage_url, heartbeat_settings
+from allconv_cli.search.plan import SearchSettings, default_storage_url, heartbeat_settings
+from allconv_cli.tracking.schema import StudyState, Tag
 
 KIND = "reproduce"
 DEFAULT_EXPERIMENT = "allconv-reproduce"
@@ -181,14 +165,13 @@ def study_name(protocol: str, base: str, branch: str, key: str) -> str:
 
 def search_settings(plan: ReproducePlan, protocol: str, base: str, branch: str, *, wait_for_others: bool = False,
                     heartbeat_interval: int | None = None, grace_period: int | None = None) -> SearchSettings:
-    """The :class:`~allconv_cli.search.SearchSettings` of one network's study."""
+    """The :class:`~allconv_cli.search.plan.SearchSettings` of one network's study."""
     from allconv_cli import spaces
-    from allconv_cli.tracking.store import TAG
 
     cfg = base_config(plan, base, branch, protocol)
     text = grid_space_text(plan.lrs, protocol)
     space = spaces.parse(text, source=f"allconv reproduce --protocol {protocol}", name=f"reproduce-{protocol}")
-    tags = {f"{TAG}kind": KIND, f"{TAG}protocol": protocol, f"{TAG}lrs": ",".join(f"{lr:g}" for lr in plan.lrs)}
+    tags = {Tag.KIND: KIND, Tag.PROTOCOL: protocol, Tag.LRS: ",".join(f"{lr:g}" for lr in plan.lrs)}
     return SearchSettings(
         study_name=study_name(protocol, base, branch, study_key(cfg, plan.lrs)),
         storage_url=plan.storage_url or default_storage_url(),
@@ -219,7 +202,7 @@ class NetworkOutcome:
     branch: str
     study_name: str
     experiment: str
-    status: str  # done, pending (trials running elsewhere), timeout or interrupted
+    state: StudyState
     parent_run_id: str
     finished: int
     target: int
@@ -231,43 +214,48 @@ class NetworkOutcome:
 def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | None = None,
               grace_period: int | None = None) -> list[NetworkOutcome]:
     """Run every study of ``plan``: first a pass taking the free lrs of each network, then a pass that waits for
-    trials still running elsewhere. Stops at the first interruption (rerunning the command resumes)."""
-    from allconv_cli.search import run_study
-    from allconv_cli.search.worker import DataCache
+    trials still running elsewhere (so N hosts spread over all the trials instead of waiting network by network).
+    Stops at the first interruption (rerunning the command resumes)."""
+    from allconv_cli.search.study import DataCache
 
     data = DataCache()  # networks of one protocol share their data: it is loaded once
     outcomes: dict[tuple[str, str, str], NetworkOutcome] = {}
     for wait in (False, True):
-        for protocol, base, branch in plan.studies():
-            previous = outcomes.get((protocol, base, branch))
-            if previous is not None and previous.status == "done":
-                continue
-            settings = search_settings(plan, protocol, base, branch, wait_for_others=wait,
-                                       heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-            name = TABLE3[(base, branch)].display_name
-            console.rule(f"{name}, protocol {protocol}: {len(plan.lrs)} lrs x {plan.epochs} epochs "
-                         f"({settings.study_name})")
-            started = time.perf_counter()
-            outcome = run_study(settings, console, data=data)
-            status, final = outcome.status, None
-            if protocol == "validated" and status == "done":
-                final = final_run(outcome, name, console)
-                if final is not None and final.result.status == "interrupted":
-                    status = "interrupted"
-            outcomes[(protocol, base, branch)] = NetworkOutcome(
-                protocol, base, branch, settings.study_name, outcome.run.experiment, status,
-                outcome.run.parent_run_id, outcome.counts.finished, settings.trials,
-                time.perf_counter() - started + (previous.seconds if previous else 0.0),
-                final.run_id if final else None, final.result.status if final else None,
-            )
-            if outcome.status == "pending":
-                console.print(f"{name} ({protocol}): the remaining lrs are running elsewhere; coming back to them "
-                              "at the end", highlight=False)
-            if status == "interrupted":
+        for key in plan.studies():
+            previous = outcomes.get(key)
+            if previous is None or previous.state != StudyState.COMPLETE:
+                outcomes[key] = _network(plan, key, wait, console, data, previous,
+                                         heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+            if outcomes[key].state == StudyState.INTERRUPTED:
                 return list(outcomes.values())
-        if all(o.status == "done" for o in outcomes.values()):
+        if all(o.state == StudyState.COMPLETE for o in outcomes.values()):
             break
     return list(outcomes.values())
+
+
+def _network(plan: ReproducePlan, key: tuple[str, str, str], wait: bool, console: Any, data: Any,
+             previous: NetworkOutcome | None, **heartbeats: int | None) -> NetworkOutcome:
+    """One network's study (and, validated, its final run) in this process."""
+    from allconv_cli.search.study import run_study
+
+    protocol, base, branch = key
+    settings = search_settings(plan, protocol, base, branch, wait_for_others=wait, **heartbeats)
+    name = TABLE3[(base, branch)].display_name
+    console.rule(f"{name}, protocol {protocol}: {len(plan.lrs)} lrs x {plan.epochs} epochs ({settings.study_name})")
+    started = time.perf_counter()
+    outcome = run_study(settings, console, data=data)
+    state, final = outcome.state, None
+    if protocol == "validated" and state == StudyState.COMPLETE:
+        final = final_run(outcome, name, console)
+        if final is not None and final.result.status == "interrupted":
+            state = StudyState.INTERRUPTED
+    if state == StudyState.PENDING:
+        console.print(f"{name} ({protocol}): the remaining lrs are running elsewhere; coming back to them at the end",
+                      highlight=False)
+    return NetworkOutcome(protocol, base, branch, settings.study_name, outcome.run.experiment, state,
+                          outcome.run.parent_run_id, outcome.counts.finished, settings.trials,
+                          time.perf_counter() - started + (previous.seconds if previous else 0.0),
+                          final.run_id if final else None, final.result.status if final else None)
 
 
 def selected_trial(study: Any) -> Any:
@@ -285,7 +273,7 @@ def final_run(outcome: Any, name: str, console: Any) -> Any:
     """Retrain the validated study's chosen lr on all training images (val_size=0, same epochs), tested once, as a
     child run tagged ``allconv.role=final`` (search's ``retrain_best``, which skips it when already done); returns
     its :class:`~allconv_cli.tracked_run.RunOutcome`, or None when no lr finished or it was trained before."""
-    from allconv_cli.search.parent_run import retrain_best
+    from allconv_cli.search.parent import retrain_best
 
     trial = selected_trial(outcome.study)
     if trial is None:

@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,9 +25,12 @@ from allconv_cli import spaces
 from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
 from allconv_cli.errors import AllconvError
-from allconv_cli.search import SearchSettings, count_trials, make_sampler, plan_search
-from allconv_cli.search.budget import DUPLICATE_ATTR, SURPLUS_ATTR, USER_ERROR_ATTR, host_lock
-from allconv_cli.search.sampling import CHECKED_ATTR, WAIT, judge
+from allconv_cli.search.budget import count_trials
+from allconv_cli.search.distinct import make_sampler, repeated
+from allconv_cli.search.plan import plan_search
+from allconv_cli.tracking.schema import TrialAttr
+
+DUPLICATE_ATTR, SURPLUS_ATTR, USER_ERROR_ATTR = TrialAttr.DUPLICATE_OF, TrialAttr.SURPLUS, TrialAttr.USER_ERROR
 
 ALLCONV = [sys.executable, "-m", "allconv_cli"]
 TINY = ["--model", "A", "--branch", "model", "--dataset", "fake", "--subset", "10", "--val-size", "10",
@@ -126,18 +127,20 @@ def _trial(number: int, params: dict, state: TrialState = TrialState.RUNNING, **
 
 
 @pytest.mark.unit
-def test_judge_keeps_exactly_one_of_equal_trials() -> None:
+def test_a_trial_never_trains_values_another_placed_trial_holds() -> None:
+    """The rule after sampling: a trial yields to any other trial that holds its values (finished, running or
+    waiting), whatever its number; of two trials sampled at once at least one sees the other, so equal values are
+    never trained twice (both may yield: then both draw again)."""
     x, y = {"a": 1}, {"a": 2}
-    assert judge([_trial(0, x, TrialState.COMPLETE), _trial(1, x)], 1) == 0, "a finished trial has them"
-    assert judge([_trial(0, x), _trial(1, x)], 0) == WAIT, "a later equal trial has not decided yet"
-    assert judge([_trial(0, x), _trial(1, x, **{CHECKED_ATTR: True})], 0) == 1, "it decided: it keeps them"
-    assert judge([_trial(0, x), _trial(1, x, **{DUPLICATE_ATTR: 0})], 0) is None, "it yielded"
-    assert judge([_trial(0, x, TrialState.FAIL, **{SURPLUS_ATTR: True}), _trial(1, x)], 1) is None
-    assert judge([_trial(0, x, TrialState.FAIL, **{USER_ERROR_ATTR: True}), _trial(1, x)], 1) is None
-    assert judge([_trial(0, y, TrialState.COMPLETE), _trial(1, x)], 1) is None
+    assert repeated([_trial(0, x, TrialState.COMPLETE), _trial(1, x)], 1) == 0, "a finished trial has them"
+    assert repeated([_trial(0, x), _trial(1, x)], 0) == 1, "a later trial sampled at the same moment has them too"
+    assert repeated([_trial(0, x), _trial(1, x, **{DUPLICATE_ATTR: 0})], 0) is None, "it yielded: they are free"
+    assert repeated([_trial(0, x, TrialState.FAIL, **{SURPLUS_ATTR: True}), _trial(1, x)], 1) is None
+    assert repeated([_trial(0, x, TrialState.FAIL, **{USER_ERROR_ATTR: True}), _trial(1, x)], 1) is None
+    assert repeated([_trial(0, y, TrialState.COMPLETE), _trial(1, x)], 1) is None
     retry = _trial(2, x, TrialState.WAITING, system={"retry_history": [0]})
-    assert judge([_trial(0, x, TrialState.FAIL), retry], 2) is None, "a retry repeats its trial on purpose"
-    assert judge([_trial(0, y), retry, _trial(3, x)], 3) == 2, "and owns its values"
+    assert repeated([_trial(0, x, TrialState.FAIL), retry], 2) is None, "a retry repeats its trial on purpose"
+    assert repeated([_trial(0, y), retry, _trial(3, x)], 3) == 2, "and holds its values"
 
 
 @pytest.mark.unit
@@ -190,34 +193,6 @@ def test_sampled_values_are_checked_with_the_command_line_before_a_study(tmp_pat
                        "    cases: {sgd: {type: categorical, choices: [0.5, 0.9]}, adam: 0.9}\n")
     assert dep.size({}) == 3
     assert not list(tmp_path.glob("*.db"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the host lock leaves nothing behind
-
-
-@pytest.mark.unit
-def test_host_lock_excludes_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    settings = SearchSettings(study_name="s", storage_url="sqlite:///x.db", experiment="e", space_source="x",
-                              space_name="x", space_text="", base_config={}, trials=1)
-    inside, overlaps = [0], []
-
-    def hold() -> None:
-        for _ in range(20):
-            with host_lock(settings):
-                inside[0] += 1
-                overlaps.append(inside[0])
-                time.sleep(0.002)
-                inside[0] -= 1
-
-    threads = [threading.Thread(target=hold) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(overlaps) == 60 and max(overlaps) == 1, "one holder at a time"
-    assert not list(tmp_path.iterdir()), "no lock file"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +251,43 @@ def test_three_processes_started_together_on_postgres_never_repeat_a_configurati
     postgres.reset_database("optuna")
     storage = postgres.url("optuna")
     check_distinct(tmp_path, storage, start_together(tmp_path, storage))
+
+
+def prepare_together(folder: Path, storage: str, n: int = 6) -> list[subprocess.CompletedProcess[str]]:
+    """``n`` processes started at once on a new storage (and, for SQLite, a new folder: a new mlflow.db too)."""
+    cmd = [*ALLCONV, "search", *TINY, "--epochs", "1", "--trials", "3", "--storage", storage, "--prepare"]
+    procs = [subprocess.Popen(cmd, cwd=folder, env=env_for(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    return [subprocess.CompletedProcess(cmd, p.returncode, *p.communicate(timeout=300)) for p in procs]
+
+
+def check_prepared(folder: Path, storage: str, done: list[subprocess.CompletedProcess[str]]) -> None:
+    for run in done:
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert "Traceback" not in run.stderr, run.stderr
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 0, "--prepare trains nothing"
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert "allconv.space_sha" in study.user_attrs and study.metric_names == ["val_accuracy"]
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("allconv").experiment_id])
+    assert [r.info.run_id for r in runs] == [study.user_attrs["allconv.parent_run_id"]], "one parent run"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("round_", range(3))
+def test_six_processes_started_at_once_on_a_new_sqlite_file_all_open_the_study(tmp_path: Path, round_: int) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    check_prepared(tmp_path, storage, prepare_together(tmp_path, storage))
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("round_", range(3))
+def test_six_processes_started_at_once_on_a_new_postgres_database_all_open_the_study(postgres, tmp_path: Path,
+                                                                                    round_: int) -> None:
+    postgres.reset_database("optuna")
+    storage = postgres.url("optuna")
+    check_prepared(tmp_path, storage, prepare_together(tmp_path, storage))
 
 
 # ---------------------------------------------------------------------------------------------------------------

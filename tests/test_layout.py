@@ -100,7 +100,7 @@ def test_the_rules_see_the_package() -> None:
     assert len(SOURCES) > 20
     targets = {(imp.module, imp.target) for imp in IMPORTS}
     assert ("allconv_cli.cli.spaces_cmd", "allconv_cli.cli") in targets
-    assert ("allconv_cli.spaces", "allconv_cli.space_files") in targets
+    assert ("allconv_cli.spaces", "allconv_cli.config") in targets
     assert any(imp.module == "allconv_cli.engine" and imp.target == "torch" and imp.top_level for imp in IMPORTS)
 
 
@@ -207,14 +207,16 @@ def test_wheel_ships_the_search_spaces(tmp_path: Path) -> None:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(PACKAGE, src / "allconv_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "search_spaces", src / "search_spaces", ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("allconv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"allconv_cli/search_spaces/{p.name}" for p in (PACKAGE / "search_spaces").glob("*.yaml")}
+    shipped = {f"allconv_cli/search_spaces/{p.name}" for p in (ROOT / "search_spaces").glob("*.yaml")}
     assert len(shipped) >= 4 and shipped <= names, sorted(shipped - names)
-    assert {"allconv_cli/cli/__init__.py", "allconv_cli/space_files.py"} <= names
+    packages = {str(p.parent.relative_to(ROOT)) for p in PACKAGE.rglob("__init__.py")}
+    assert {f"{p}/__init__.py" for p in packages} <= names, "pyproject.toml lists every package"
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "benchmarks/"))]
 
 

@@ -28,8 +28,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from allconv_cli import search
+from allconv_cli import stores
 from allconv_cli.cli import main
+from allconv_cli.search import budget, launcher, plan, storage
 
 TINY = ["--model", "A", "--branch", "model", "--dataset", "fake", "--subset", "10", "--val-size", "10",
         "--preprocess", "standardize", "--device", "cpu"]
@@ -338,7 +339,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monke
     assert f"pid {victim[2]}) exited with -9" in out
     number, dead_run, _ = victim
     study = load(workdir, "killed")
-    assert search.count_trials(study.trials).finished == 2
+    assert budget.count_trials(study.trials).finished == 2
     dead = study.trials[number]
     assert dead.state == TrialState.FAIL
     retries = [t for t in study.trials if t.user_attrs.get("retry_of") == number]
@@ -385,7 +386,7 @@ def test_ctrl_c_fails_the_trial_and_the_same_command_resumes_it(workdir: Path,
     assert code == 0, out + err
     study = load(workdir, "cc")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert search.count_trials(study.trials).finished == 1, "the interrupted trial does not count, its retry does"
+    assert budget.count_trials(study.trials).finished == 1, "the interrupted trial does not count, its retry does"
     retry = study.trials[1]
     assert retry.user_attrs["retry_of"] == 0 and retry.params == trial.params
     run = client.get_run(retry.user_attrs["mlflow_run_id"])
@@ -473,33 +474,33 @@ def test_counting_finished_trials_with_retries_and_surplus() -> None:
                          user_attrs={"allconv.surplus": True}))
     study.add_trial(make(state=TrialState.WAITING, params={"x": 0.3}, distributions=dist,
                          system_attrs={"failed_trial": 2, "retry_history": [2]}))  # duplicate retry of 2
-    c = search.count_trials(study.get_trials())
+    c = budget.count_trials(study.get_trials())
     assert (c.finished, c.complete, c.pruned, c.failed, c.waiting) == (4, 2, 1, 1, 0)
     assert (c.best_value, c.best_number) == (0.7, 4)
 
 
 @pytest.mark.unit
 def test_storage_password_is_stripped() -> None:
-    shown = search.safe_url("postgresql+psycopg://bob:pw@db:5432/optuna")
+    shown = stores.safe_url("postgresql+psycopg://bob:pw@db:5432/optuna")
     assert "pw" not in shown and shown.startswith("postgresql+psycopg://bob") and "@db:5432/optuna" in shown
-    assert search.safe_url("sqlite:///optuna.db") == "sqlite:///optuna.db"
-    assert search.default_study_name("B", "convpool", "default") == "allconv_b_convpool-default"
+    assert stores.safe_url("sqlite:///optuna.db") == "sqlite:///optuna.db"
+    assert plan.default_study_name("B", "convpool", "default") == "allconv_b_convpool-default"
 
 
 @pytest.mark.unit
 def test_gpus_are_assigned_round_robin_and_cpu_workers_share_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = search.SearchSettings(study_name="s", storage_url="sqlite:///x.db", experiment="e", space_source="x",
+    settings = plan.SearchSettings(study_name="s", storage_url="sqlite:///x.db", experiment="e", space_source="x",
                                      space_name="x", space_text="", base_config={"device": "auto"}, trials=3,
                                      workers=3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert search.gpu_assignment(settings) == ["3", "5", "3"]
+    assert launcher.gpu_assignment(settings) == ["3", "5", "3"]
     settings.base_config["device"] = "cpu"
-    assert search.gpu_assignment(settings) == [None, None, None]
+    assert launcher.gpu_assignment(settings) == [None, None, None]
 
 
 @pytest.mark.unit
 def test_pruners() -> None:
-    assert isinstance(search.make_pruner("median", 350), optuna.pruners.MedianPruner)
-    assert isinstance(search.make_pruner("hyperband", 350), optuna.pruners.HyperbandPruner)
-    assert isinstance(search.make_pruner("hyperband", 1), optuna.pruners.HyperbandPruner)
-    assert isinstance(search.make_pruner("none", 2), optuna.pruners.NopPruner)
+    assert isinstance(storage.make_pruner("median", 350), optuna.pruners.MedianPruner)
+    assert isinstance(storage.make_pruner("hyperband", 350), optuna.pruners.HyperbandPruner)
+    assert isinstance(storage.make_pruner("hyperband", 1), optuna.pruners.HyperbandPruner)
+    assert isinstance(storage.make_pruner("none", 2), optuna.pruners.NopPruner)

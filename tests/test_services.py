@@ -252,12 +252,13 @@ class Record:
 
 
 def record(w: Workers) -> Record:
-    from allconv_cli import search
+    from allconv_cli.search.budget import Ledger
+    from allconv_cli.tracking.schema import TrialAttr
 
     study = optuna.load_study(study_name=w.study, storage=w.storage)
     trials = study.get_trials()
-    gone = search.superseded(trials)
-    counted = [t for t in trials if not t.user_attrs.get(search.SURPLUS_ATTR)
+    gone = Ledger.of(trials).retried
+    counted = [t for t in trials if not t.user_attrs.get(TrialAttr.SURPLUS)
                and not (t.state == optuna.trial.TrialState.FAIL and t.number in gone)]
     client = MlflowClient(w.env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(w.study)
@@ -345,7 +346,7 @@ def _wait_for_checkpoint(client: MlflowClient, w: Workers, timeout: float = 180.
 def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(workers) -> None:
     """SIGKILL one worker mid-trial: its heartbeat stops, another worker fails the trial after the grace period,
     re-queues it with the same params and resumes it from the dead run's last checkpoint."""
-    from allconv_cli.search import SURPLUS_ATTR
+    from allconv_cli.tracking.schema import TrialAttr
 
     trials, epochs = 2, 4
     w = workers(trials=trials, epochs=epochs, ALLCONV_HEARTBEAT_INTERVAL="1", ALLCONV_HEARTBEAT_GRACE="4")
@@ -359,7 +360,8 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(workers)
 
     rec = record(w)
     check_consistent(rec, trials, epochs, client)
-    (lost,) = [t for t in rec.trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(SURPLUS_ATTR)]
+    (lost,) = [t for t in rec.trials
+               if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(TrialAttr.SURPLUS)]
     assert lost.user_attrs["mlflow_run_id"] == dead.info.run_id
     (retry,) = [t for t in rec.counted if lost.number in t.system_attrs.get("retry_history", ())]
     assert retry.params == lost.params, "the retry is the same trial"
@@ -388,6 +390,50 @@ def test_mlflow_server_restart_mid_study_loses_no_metric(workers, mlflow_server)
     print(f"study finished {time.monotonic() - started:.0f}s after the kill")
     rec = record(w)
     check_consistent(rec, trials, epochs, client)
+
+
+FAULT_ROUNDS = int(os.environ.get("ALLCONV_FAULT_ROUNDS", "2"))
+
+
+@pytest.mark.parametrize("round_", range(FAULT_ROUNDS))
+def test_no_fault_loses_a_trial(workers, mlflow_server, postgres, round_: int) -> None:
+    """Issue 19's fault sequence on one PostgreSQL study: three workers and a replacement; one worker SIGKILLed
+    mid-trial, the MLflow server killed and restarted, PostgreSQL restarted (fast shutdown) while trials train. The
+    study still ends with exactly N counted trials, all distinct, each one finished child run with a checkpoint, and
+    nothing left RUNNING; a trial a store outage stopped is retried, never counted against --trials.
+    ``ALLCONV_FAULT_ROUNDS`` repeats it (CI runs 2)."""
+    trials, epochs = 6, 3
+    w = workers(trials=trials, epochs=epochs, ALLCONV_HEARTBEAT_INTERVAL="1", ALLCONV_HEARTBEAT_GRACE="6",
+                ALLCONV_TRACKING_RETRY_SECONDS="90")
+    for name in ("a", "b", "c"):
+        w.start(name)
+    client = MlflowClient(w.env["MLFLOW_TRACKING_URI"])
+    victim, _ = _wait_for_checkpoint(client, w)
+    w.kill(victim)
+    w.start("d")  # the replacement
+    started = time.monotonic()
+    mlflow_server.restart(down_seconds=3)
+    print(f"round {round_}: MLflow server back after {time.monotonic() - started:.0f}s")
+    started = time.monotonic()
+    postgres.stop()  # SIGINT: PostgreSQL's fast shutdown; every open connection is cut
+    postgres.start()
+    print(f"round {round_}: PostgreSQL back after {time.monotonic() - started:.1f}s")
+    w.wait(timeout=420, expect={victim: -signal.SIGKILL})
+
+    rec = record(w)
+    check_consistent(rec, trials, epochs, client)
+    configs = {tuple(sorted(t.params.items())) for t in rec.counted}
+    assert len(configs) == trials, "every counted trial has its own configuration"
+    for t in rec.counted:
+        listed = client.list_artifacts(t.user_attrs["mlflow_run_id"], "checkpoints")
+        assert "checkpoints/last.pt" in {f.path for f in listed}, f"trial {t.number} has no checkpoint"
+    assert not [t.number for t in rec.trials if t.state in (optuna.trial.TrialState.RUNNING,
+                                                             optuna.trial.TrialState.WAITING)]
+    assert not [r.info.run_id for r in rec.parents + rec.children if r.info.status == "RUNNING"]
+    stopped = [t for t in rec.trials if t not in rec.counted and t.state == optuna.trial.TrialState.FAIL]
+    print(f"round {round_}: {len(rec.trials)} trials in the storage, {len(rec.counted)} counted, {len(stopped)} "
+          f"failed by the faults and retried: " + "; ".join(str(t.user_attrs.get("reason", "lost worker"))
+                                                           for t in stopped))
 
 
 def test_unreachable_postgres_is_one_line_naming_the_url(tmp_path: Path) -> None:

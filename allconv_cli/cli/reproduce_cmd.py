@@ -55,7 +55,9 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
 
     Then `allconv report` prints the comparison.
     """
-    from allconv_cli import report, reproduce, search
+    from allconv_cli import report, reproduce
+    from allconv_cli.search import view
+    from allconv_cli.tracking.schema import StudyState
 
     plan = reproduce.ReproducePlan(
         models=reproduce.parse_models(models),
@@ -71,7 +73,7 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
     )
     for protocol_name, base, branch in plan.studies():  # every bad value is reported before anything starts
         reproduce.base_config(plan, base, branch, protocol_name)
-    console = search.pipe_safe(report.wide_console())  # Ctrl-C with `| tee`: no broken pipe mid-checkpoint
+    console = view.pipe_safe(report.wide_console())  # Ctrl-C with `| tee`: no broken pipe mid-checkpoint
     ctx = click.get_current_context()
     if "paper" in plan.protocols and ctx.get_parameter_source("val_size") == ParameterSource.COMMANDLINE:
         console.print("note: --protocol paper trains on all training images: --val-size applies to validated only")
@@ -85,10 +87,10 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
     experiments = sorted({experiment} | {o.experiment for o in outcomes})
     wanted = {(o.base, o.branch) for o in outcomes}
     report.render_rich(report.build_report(experiments, networks=wanted, include_studies=False), console)
-    console.print(f"{sum(o.status == 'done' for o in outcomes)} of {len(studies)} studies complete in "
+    console.print(f"{sum(o.state == StudyState.COMPLETE for o in outcomes)} of {len(studies)} studies complete in "
                   f"{seconds:,.0f} s; the full table: allconv report", highlight=False)
-    if any(o.status == "interrupted" for o in outcomes):
+    if any(o.state == StudyState.INTERRUPTED for o in outcomes):
         console.print("Interrupted: the running trial was checkpointed. Rerun the same command to resume.")
         sys.exit(130)
-    if any(o.status != "done" for o in outcomes):
+    if any(o.state != StudyState.COMPLETE for o in outcomes):
         console.print("Some trials are still running in other processes: rerun the same command to wait for them.")

@@ -1,4 +1,4 @@
-"""Running a study's trials: in this process (``--workers 1``, with a live per-epoch view), or in N worker processes.
+"""Running a study's trials in N worker processes (``--workers N``) on this machine.
 
 Worker processes (``python -m allconv_cli search --worker PLAN``) start in their own sessions, so a terminal Ctrl-C
 reaches only the launcher, which forwards exactly one SIGINT to each; it restarts one that dies, assigns GPUs
@@ -18,25 +18,13 @@ import time
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage
 from rich.console import Console
 
 from allconv_cli.errors import AllconvError
 from allconv_cli.search.budget import count_trials
-from allconv_cli.search.settings import SearchSettings, StudyRun
+from allconv_cli.search.plan import SearchSettings, StudyRun
 from allconv_cli.search.view import SearchView
-from allconv_cli.search.worker import DataCache, Worker
-
-
-def run_trials(run: StudyRun, study: optuna.Study, storage: RDBStorage, console: Console,
-               data: DataCache | None = None) -> str:
-    """Run trials until the study is done; returns ``done``, ``timeout``, ``interrupted`` or ``busy``."""
-    settings = run.settings
-    view = SearchView(console, settings.study_name, settings.trials, study.get_trials(deepcopy=False))
-    with view:
-        if settings.workers <= 1:
-            return Worker(run, study, storage, console, view, data).run()
-        return _run_worker_processes(run, study, view, console)
+from allconv_cli.tracking.schema import StudyState
 
 
 def gpu_assignment(settings: SearchSettings) -> list[str | None]:
@@ -55,7 +43,9 @@ def gpu_assignment(settings: SearchSettings) -> list[str | None]:
     return [devices[i % len(devices)] for i in range(settings.workers)]
 
 
-def _run_worker_processes(run: StudyRun, study: optuna.Study, view: SearchView, console: Console) -> str:
+def run_processes(run: StudyRun, study: optuna.Study, view: SearchView, console: Console) -> StudyState:
+    """``settings.workers`` worker processes until the study is done; crashed ones are restarted, a user error stops
+    them all and is raised here, Ctrl-C reaches each once."""
     settings = run.settings
     folder = Path(tempfile.mkdtemp(prefix="allconv-search-"))
     plan = folder / "plan.json"
@@ -105,14 +95,15 @@ def _run_worker_processes(run: StudyRun, study: optuna.Study, view: SearchView, 
         console.print("Interrupted: checkpointing the running trials...")
         _interrupt(procs, view, study)
     view.update(study.get_trials(deepcopy=False))
+    plan.unlink(missing_ok=True)  # it holds the storage URL with its password
     if restarts_left == settings.workers:  # no worker crashed: the logs are not needed (an error's line is kept)
         shutil.rmtree(folder, ignore_errors=True)
     if errors:
         raise AllconvError(errors[0].removeprefix("Error: "))
     if interrupted:
-        return "interrupted"
+        return StudyState.INTERRUPTED
     c = count_trials(study.get_trials(deepcopy=False))
-    return "done" if c.finished >= settings.trials else "timeout"
+    return StudyState.COMPLETE if c.finished >= settings.trials else StudyState.TIMEOUT
 
 
 def _interrupt(procs: dict[int, subprocess.Popen[bytes]], view: SearchView, study: optuna.Study) -> None:

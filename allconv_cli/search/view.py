@@ -15,8 +15,9 @@ from rich.table import Table
 from allconv_cli import paper
 from allconv_cli.config import TrainConfig
 from allconv_cli.engine import EpochMetrics, Hooks
-from allconv_cli.search.budget import DUPLICATE_ATTR, SURPLUS_ATTR, Counts, count_trials, state_name, superseded
-from allconv_cli.search.settings import SearchSettings
+from allconv_cli.search.budget import Counts, Ledger, count_trials, skipped
+from allconv_cli.search.plan import SearchSettings
+from allconv_cli.tracking.schema import TrialAttr, trial_state_name
 
 
 class PipeSafeStream:
@@ -102,11 +103,11 @@ class SearchView(Hooks):
         stats = f"running {c.running}  pruned {c.pruned}  failed {c.failed}  best val {best}"
         self.progress.update(self.study_task, completed=min(c.finished, self.progress.tasks[0].total or 0),
                              stats=stats)
-        gone = superseded(trials)
+        retried = Ledger.of(trials).retried
         for t in sorted(trials, key=lambda t: t.number):
             if t.state.is_finished() and t.number not in self.reported:
                 self.reported.add(t.number)
-                self.progress.console.print(trial_line(t, retried=t.number in gone), highlight=False)
+                self.progress.console.print(trial_line(t, retried=t.number in retried), highlight=False)
         return c
 
     def start_trial(self, number: int, epochs: int) -> None:
@@ -128,11 +129,10 @@ class SearchView(Hooks):
 
 
 def trial_line(t: FrozenTrial, retried: bool = False) -> str:
-    skipped = DUPLICATE_ATTR in t.user_attrs or t.user_attrs.get(SURPLUS_ATTR)
-    state = "skipped" if skipped else state_name(t.state)
+    state = "skipped" if skipped(t) else trial_state_name(t.state.name)
     value = "" if t.value is None else f"val {100 * t.value:6.2f}%  "
     params = "  ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
-    reason = t.user_attrs.get("reason", "") or ("worker lost" if t.state == TrialState.FAIL else "")
+    reason = t.user_attrs.get(TrialAttr.REASON, "") or ("worker lost" if t.state == TrialState.FAIL else "")
     if retried:
         reason = f"{reason}; re-queued" if reason else "re-queued"
     return f"trial {t.number:>3} {state:<8} {value}{params}" + (f"  ({reason})" if reason else "")

@@ -215,12 +215,14 @@ class StudyState(StrEnum):
 
     RUNNING = "running"
     COMPLETE = "complete"  # --trials trials finished
-    INCOMPLETE = "incomplete"  # stopped by --timeout, or trials still running elsewhere
+    TIMEOUT = "timeout"  # --timeout passed before that: rerunning adds the rest
+    PENDING = "pending"  # the remaining trials are running in other processes
     INTERRUPTED = "interrupted"
     EXHAUSTED = "exhausted"  # the space has no untried configuration left
     FAILED = "failed"
 
     @property
     def mlflow(self) -> str:
+        """The parent run's MLflow status for a session that ended so."""
         return {StudyState.INTERRUPTED: "KILLED", StudyState.FAILED: "FAILED",
                 StudyState.RUNNING: "RUNNING"}.get(self, "FINISHED")

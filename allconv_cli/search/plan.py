@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from allconv_cli import config, paper
 from allconv_cli.errors import AllconvError
-from allconv_cli.stores import safe_url  # noqa: F401 (re-exported until the search rewrite)
 
 if TYPE_CHECKING:
     from allconv_cli.spaces import SearchSpace
@@ -97,12 +96,6 @@ def heartbeat_settings(interval: int | None = None, grace_period: int | None = N
     interval, or trials that are alive would be declared lost."""
     interval = interval or DEFAULT_HEARTBEAT_INTERVAL
     return {"heartbeat_interval": interval, "grace_period": max(grace_period or DEFAULT_GRACE_PERIOD, interval + 1)}
-
-
-def first_line(exc: object) -> str:
-    """An exception's first line, whitespace collapsed (its type name if it has no message): for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return " ".join(text[0].split()) if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------------
