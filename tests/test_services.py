@@ -343,6 +343,13 @@ def _wait_for_checkpoint(client: MlflowClient, w: Workers, timeout: float = 180.
     pytest.fail(f"no checkpoint after {timeout:.0f}s\n{w.logs()}")
 
 
+def _wait_for_log(w: Workers, name: str, text: str, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while text not in (w.tmp / f"{name}.log").read_text(errors="replace"):
+        assert w.procs[name].poll() is None and time.monotonic() < end, w.logs()
+        time.sleep(0.3)
+
+
 def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(workers) -> None:
     """SIGKILL one worker mid-trial: its heartbeat stops, another worker fails the trial after the grace period,
     re-queues it with the same params and resumes it from the dead run's last checkpoint."""
@@ -410,7 +417,8 @@ def test_no_fault_loses_a_trial(workers, mlflow_server, postgres, round_: int) -
     client = MlflowClient(w.env["MLFLOW_TRACKING_URI"])
     victim, _ = _wait_for_checkpoint(client, w)
     w.kill(victim)
-    w.start("d")  # the replacement
+    w.start("d")  # the replacement, started as a new worker is: when the stores answer (it checks them first)
+    _wait_for_log(w, "d", "Resuming study")
     started = time.monotonic()
     mlflow_server.restart(down_seconds=3)
     print(f"round {round_}: MLflow server back after {time.monotonic() - started:.0f}s")

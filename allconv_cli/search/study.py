@@ -52,7 +52,6 @@ from allconv_cli.search.storage import (
     is_transient,
     load_study,
     open_storage,
-    requeue,
     requeue_stopped,
     with_retries,
 )
@@ -123,6 +122,7 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     started = time.perf_counter()
     state, ran = StudyState.PENDING, False
     if prepare_only:
+        parent.set_state(parent_id, StudyState.PENDING, settings)  # not left RUNNING if no worker ever starts
         console.print(f"Prepared study {settings.study_name} in {safe_url(settings.storage_url)} (MLflow parent run "
                       f"{parent_id}); start the workers with the same command without --prepare", highlight=False)
     elif not summarize_only:
@@ -252,6 +252,7 @@ class Worker:
                 self.data.get(TrainConfig(**self.objective.base))
             waited, repeats = False, 0
             while deadline is None or time.time() < deadline:
+                requeue_stopped(self.study)  # a trial another worker stopped (a cluster's SIGTERM) resumes here
                 c = count_trials(self.study.get_trials(deepcopy=False))
                 if c.waiting == 0 and c.reserved >= target:  # every place is taken
                     if not c.running:
@@ -318,10 +319,9 @@ class Worker:
         lost = not store_fault and trial.state.is_finished() and not retryable(trial)
         obj.mirror(trial, "declared lost (no heartbeat within the grace period) while still running; its retry "
                           "replaces it" if lost else None)
-        if retryable(trial):
-            with_retries(requeue, self.study, trial)
-            self.console.print(f"trial {trial.number}: {first_line(exc)}; re-queued, it resumes from its last "
-                               "checkpoint", highlight=False)
+        if retryable(trial):  # the loop re-queues it before the next trial
+            self.console.print(f"trial {trial.number}: {first_line(exc)}; it resumes from its last checkpoint",
+                               highlight=False)
         elif not trial.state.is_finished() and not store_fault:
             raise exc
 
