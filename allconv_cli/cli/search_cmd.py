@@ -39,6 +39,9 @@ from allconv_cli.search import settings as plan
               help="Set any TrainConfig field for every trial (e.g. --set lr_gamma=0.2); repeatable.")
 @click.option("--summarize", "summarize_only", is_flag=True,
               help="Run no trial: write the study's summary (best params, CSV, plots) to its MLflow parent run.")
+@click.option("--prepare", "prepare_only", is_flag=True,
+              help="Run no trial: create the storage tables, the study, its MLflow experiment and parent run, then "
+                   "exit. Run it once before the workers of a cluster (deploy/slurm), with the same options.")
 @click.option("--retrain-best", is_flag=True,
               help="Afterwards, train the best config on train+validation and evaluate it once on the test set.")
 @click.option("--final-epochs", type=click.IntRange(min=1),
@@ -53,9 +56,9 @@ from allconv_cli.search import settings as plan
               envvar="ALLCONV_HEARTBEAT_GRACE", help="Seconds without a heartbeat after which a trial is retried.")
 @click.option("--max-retry", hidden=True, type=click.IntRange(min=0), default=plan.DEFAULT_MAX_RETRY,
               envvar="ALLCONV_MAX_RETRY", help="Retries of a trial whose worker was lost.")
-def search_command(space_name: str, trials: int, overrides: tuple[str, ...], summarize_only: bool, retrain_best: bool,
-                   final_epochs: int | None, register: str | None, worker_plan: str | None, worker_index: int,
-                   storage_url: str | None, study_name: str | None, **options: Any) -> None:
+def search_command(space_name: str, trials: int, overrides: tuple[str, ...], summarize_only: bool, prepare_only: bool,
+                   retrain_best: bool, final_epochs: int | None, register: str | None, worker_plan: str | None,
+                   worker_index: int, storage_url: str | None, study_name: str | None, **options: Any) -> None:
     """Search hyperparameters with Optuna; every trial is an MLflow run nested under the study's run.
 
     The objective is the validation accuracy after the last epoch, maximised; the test set is only recorded. Values
@@ -66,12 +69,11 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
     Rerunning the same command resumes the study; then run `mlflow ui` here to compare the trials.
     """
     started = time.perf_counter()
+    _refuse_conflicts(register, retrain_best, prepare_only, summarize_only)
     if not worker_plan:  # before torch, MLflow and Optuna are imported: an unusable store fails in milliseconds
         stores.check_tracking_store(write=not summarize_only)
         stores.check_sqlite_writable(storage_url or plan.default_storage_url(), "the Optuna storage",
                                      f"pass --storage with a folder you can write; {stores.DOCKER_HINT}")
-    if register and not retrain_best:
-        raise click.UsageError("--register names the --retrain-best run's model: add --retrain-best")
     from rich.console import Console
 
     from allconv_cli import search
@@ -88,7 +90,9 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
                                          study_name=study_name, **run_options)
     for note in notes:
         console.print(f"note: {note}", highlight=False)
-    outcome = search.run_study(settings, console, summarize_only=summarize_only)
+    outcome = search.run_study(settings, console, summarize_only=summarize_only, prepare_only=prepare_only)
+    if outcome.status == "prepared":
+        return _say_prepared(console, outcome)
     if outcome.summary is not None:
         console.print(search.summary_table(outcome.summary, settings))
     if not summarize_only:
@@ -111,4 +115,23 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
                           f"{'-' if test is None else f'{test:.2f}%'}")
             if final.result.status == "interrupted":
                 sys.exit(130)
+    console.print(search.study_address(outcome.run), highlight=False)
+
+
+def _refuse_conflicts(register: str | None, retrain_best: bool, prepare_only: bool, summarize_only: bool) -> None:
+    """Options that contradict each other: one usage line, exit 2, before anything is created."""
+    if register and not retrain_best:
+        raise click.UsageError("--register names the --retrain-best run's model: add --retrain-best")
+    if prepare_only and (summarize_only or retrain_best):
+        raise click.UsageError("--prepare runs no trial: drop --summarize and --retrain-best")
+
+
+def _say_prepared(console: Any, outcome: Any) -> None:
+    """What ``--prepare`` made, and what comes next (a cluster's prepare job log)."""
+    from allconv_cli import search
+
+    settings = outcome.run.settings
+    console.print(f"Prepared study {settings.study_name} in {search.safe_url(settings.storage_url)} "
+                  f"({outcome.counts.finished} of {settings.trials} trials finished); start its workers with the "
+                  "same command without --prepare.", highlight=False)
     console.print(search.study_address(outcome.run), highlight=False)

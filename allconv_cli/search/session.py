@@ -42,8 +42,8 @@ def quiet_libraries() -> None:
 
 @dataclass(frozen=True)
 class StudyOutcome:
-    """How a session ended. ``status``: done, timeout, interrupted, or pending (the remaining trials are running in
-    other processes, and ``wait_for_others`` was off)."""
+    """How a session ended. ``status``: done, timeout, interrupted, pending (the remaining trials are running in
+    other processes, and ``wait_for_others`` was off), or prepared (``prepare_only``: nothing was trained)."""
 
     run: StudyRun
     study: optuna.Study
@@ -56,11 +56,13 @@ class StudyOutcome:
 
 
 def run_study(settings: SearchSettings, console: Console, *, summarize_only: bool = False,
-              data: DataCache | None = None) -> StudyOutcome:
+              prepare_only: bool = False, data: DataCache | None = None) -> StudyOutcome:
     """Create or resume the study of ``settings`` and run its trials to the target; see :class:`StudyOutcome`.
 
-    ``summarize_only`` runs no trial and creates nothing: it loads the study and logs its summary. ``data`` lets
-    sessions of one process share the loaded dataset.
+    ``summarize_only`` runs no trial and creates nothing: it loads the study and logs its summary. ``prepare_only``
+    creates what workers share (storage tables, study, MLflow experiment, parent run) and stops there: a cluster runs
+    it once before its workers, so they never race to create them. ``data`` lets sessions of one process share the
+    loaded dataset.
     """
     quiet_libraries()
     data = data if data is not None else DataCache()
@@ -78,6 +80,9 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
         study, creator = create_or_load_study(settings, storage)
     parent = ensure_parent_run(study, settings, creator=creator)
     run = StudyRun(settings, parent, experiment_of(parent, settings.experiment, console))
+    if prepare_only:  # the parent waits, not RUNNING, until a worker opens it
+        close_parent(parent, "pending", settings)
+        return StudyOutcome(run, study, "prepared", count_trials(study.get_trials(deepcopy=False)), False, None)
     started = time.perf_counter()
     status, ran = "done", False
     if not summarize_only:
