@@ -41,7 +41,7 @@ from slurm_cluster import SlurmCluster, SlurmError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "slurm"
-TRIALS, EPOCHS, TASKS = 4, 4, 3
+TRIALS, EPOCHS, TASKS = 4, 5, 3
 # the test's sizes, on the sbatch command line (these win over the scripts' #SBATCH lines)
 CPU_JOB = ("--cpus-per-task=1", "--mem=1G")
 WORKER_ARRAY = f"--array=0-{TASKS - 1}%2"
@@ -215,7 +215,7 @@ class Victim:
 
 
 def cancel_a_task_mid_trial(slurm: SlurmCluster, workers: str, study: Study, client: MlflowClient) -> Victim:
-    """``scancel`` the array task whose running trial first has a checkpoint (epoch >= 1, not its last), and wait
+    """``scancel`` the array task whose running trial first has a checkpoint (of epoch 1 or 2, of 5), and wait
     until its process is gone."""
     exp = client.get_experiment_by_name(study.name)
     deadline, victim = time.monotonic() + 240, None
@@ -223,7 +223,7 @@ def cancel_a_task_mid_trial(slurm: SlurmCluster, workers: str, study: Study, cli
         assert time.monotonic() < deadline, f"no trial with a checkpoint in time\n{study.log('allconv-worker-*')}"
         for run in client.search_runs([exp.experiment_id], f"tags.`{Tag.ROLE}` = '{Role.TRIAL}'"):
             epoch = int(run.data.tags.get(Tag.CHECKPOINT_LAST_EPOCH, "0"))
-            if run.info.status == "RUNNING" and 1 <= epoch < EPOCHS - 1:
+            if run.info.status == "RUNNING" and 1 <= epoch <= EPOCHS - 3:  # 3 epochs left, at least
                 pid = int(run.data.tags[Tag.WORKER].rsplit(":", 1)[1])
                 try:
                     job = SlurmCluster.job_of(pid)
@@ -350,3 +350,25 @@ def test_worker_array_runs_the_study_and_a_cancelled_task_loses_no_trial(
           f"{TRIALS} trials x {EPOCHS} epochs on {TASKS} array tasks, task {victim.task} cancelled at epoch "
           f"{victim.epoch} ({how}); study done {finished - started:.0f} s after submission, checked in "
           f"{time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.services
+def test_a_failed_prepare_job_never_starts_the_workers(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """No storage configured: the prepare job fails with one line saying what to set, and the worker array, which
+    depends on it, never starts (no GPU time spent) and says why."""
+    env = {k: v for k, v in os.environ.items() if k != "ALLCONV_STORAGE" and not k.startswith("MLFLOW_")}
+    submit = {"env": env, "cwd": tmp_path}
+    prep = slurm.sbatch(DEPLOY / "prepare.sbatch", options=CPU_JOB, **submit)
+    workers = slurm.sbatch(DEPLOY / "worker.sbatch", options=(*CPU_JOB, WORKER_ARRAY, f"--dependency=afterok:{prep}"),
+                           **submit)
+    (job,) = slurm.wait(prep, timeout=60)
+    assert job.state == "FAILED" and job.fields["ExitCode"] != "0:0", job
+    (log,) = tmp_path.glob(f"allconv-prepare-{prep}.out")
+    assert "ALLCONV_STORAGE: is not set: put the PostgreSQL URL in" in log.read_text(), log.read_text()
+    deadline = time.monotonic() + 30
+    while (pending := slurm.jobs(workers))[0].fields.get("Reason") != "DependencyNeverSatisfied":
+        assert time.monotonic() < deadline, "\n".join(map(str, pending))
+        time.sleep(0.5)
+    assert [(j.state, j.task) for j in pending] == [("PENDING", f"0-{TASKS - 1}%2")]
+    slurm.scancel(workers)
+    assert not list(tmp_path.glob("allconv-worker-*")), "no worker task ran"
