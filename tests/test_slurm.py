@@ -35,7 +35,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from optuna.trial import FrozenTrial, TrialState
 
-from allconv_cli.search.budget import REASON_INTERRUPTED, superseded
 from allconv_cli.tracking.schema import Artifact, Metric, MlflowTag, Role, StudyAttr, Tag, TrialAttr
 from slurm_cluster import SlurmCluster, SlurmError
 
@@ -252,8 +251,9 @@ def check_tasks(slurm: SlurmCluster, workers: str, victim: Victim, study: Study)
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials the study counts: not re-queued failures, not trials that were never trained."""
-    gone = superseded(trials)
+    """The trials the study counts: not failed trials that were retried (Optuna's ``retry_history`` of their retry
+    names them), not trials that were never trained (``TrialAttr.SKIP_MARKS``)."""
+    gone = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     return [t for t in trials if not any(m in t.user_attrs for m in TrialAttr.SKIP_MARKS)
             and not (t.state == TrialState.FAIL and t.number in gone)]
 
@@ -305,8 +305,7 @@ def check_retry(study: Study, client: MlflowClient, victim: Victim, live: dict[i
     assert dead.info.status in ("FAILED", "KILLED") and dead.data.tags[Tag.RETRIED_AS] == run.info.run_id
     path = client.download_artifacts(run.info.run_id, f"{Artifact.CHECKPOINTS}/last.pt", str(tmp / "download"))
     assert torch.load(path, weights_only=True)["epoch"] == EPOCHS
-    sigterm = lost.user_attrs.get(TrialAttr.REASON) == REASON_INTERRUPTED
-    return "checkpointed on SIGTERM" if sigterm else "lost, retried after its missed heartbeat"
+    return "checkpointed on SIGTERM" if dead.info.status == "KILLED" else "lost, retried after its missed heartbeat"
 
 
 def check_nothing_running(postgres, study: Study) -> None:
