@@ -213,10 +213,7 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         SIGKILL after 15 s). Safe to call twice, and after a failed start."""
         if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
             with contextlib.suppress(Exception):
-                self._run(["scancel", "--user", getpass.getuser()], check=False)
-                deadline = time.monotonic() + self.kill_wait + 20
-                while self.queue() and time.monotonic() < deadline:
-                    time.sleep(0.5)
+                self.cancel_all()
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
@@ -228,6 +225,13 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+    def cancel_all(self) -> None:
+        """Cancel every job of this (private) cluster and wait until they have ended, KillWait included."""
+        self._run(["scancel", "--user", getpass.getuser()], check=False)
+        deadline = time.monotonic() + self.kill_wait + 20
+        while self.queue() and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     def leftovers(self) -> list[int]:
         """Pids of processes still running with this cluster's ``SLURM_CONF`` (daemons, job steps, jobs): none
