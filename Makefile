@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo lint bench-search docker-test
+.PHONY: install test test-fast demo lint bench-search docker-test slurm-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,3 +39,9 @@ bench-search: install
 # the reason where no Docker engine can run.
 docker-test:
 	bash scripts/docker-test.sh
+
+# deploy/slurm run for real (issue 19): a single-node SLURM cluster on this machine from Debian's slurm-wlm and munge
+# packages (tests/slurm_cluster.py), the prepare job then the worker array against PostgreSQL and an MLflow server, one
+# array task cancelled mid-trial. Part of `make test` too; this target prints its figures (start-up, trials, wall time).
+slurm-test: install
+	$(PY) -m pytest -q -rP tests/test_slurm.py

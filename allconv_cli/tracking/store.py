@@ -274,7 +274,15 @@ def log_dataset(run_id: str, cfg: TrainConfig, digest: str, n_train: int, n_val:
                "test_size": cfg.test_size, "seed": cfg.seed, "preprocess": cfg.preprocess}
     dataset = Dataset(name=f"{cfg.dataset}-{cfg.preprocess}", digest=digest, source_type="local",
                       source=json.dumps(source), profile=json.dumps(profile))
-    retrying(client().log_inputs, run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])]
+    try:
+        retrying(client().log_inputs, run_id, datasets=inputs)
+    except MlflowException as exc:
+        # Runs starting together (a SLURM array) log a new dataset at once; MLflow's store checks, then inserts, and
+        # the loser gets a unique-key error (dataset_pk). Its transaction rolled back; once more finds the dataset.
+        if "unique" not in str(exc).lower():
+            raise
+        retrying(client().log_inputs, run_id, datasets=inputs)
 
 
 @contextlib.contextmanager
