@@ -1,4 +1,4 @@
-"""The models a finished run logs to MLflow.
+"""The models a finished run logs to MLflow (the tracking layer's torch side; ``store`` stays torch-free).
 
 ``model``: an MLflow pyfunc whose input is raw uint8 CIFAR images (N, 32, 32, 3) and whose output is class
 probabilities: the fitted GCN + ZCA (or other preprocessing) travels with it, so ``mlflow models predict/serve`` and
@@ -24,6 +24,7 @@ from allconv_cli import __version__
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, Preprocessor
 from allconv_cli.errors import AllconvError
+from allconv_cli.tracking.schema import Artifact
 
 PREDICT_CHUNK = 1000  # images per forward pass: bounds memory whatever N is
 BUNDLE = "bundle"  # the artifact key of the network weights + preprocessing inside the pyfunc model
@@ -98,13 +99,13 @@ def log_models(run_id: str, cfg: TrainConfig, model: torch.nn.Module, data: Data
     # AllConvNet, the pyfunc needs no models-from-code file).
     for name in ("mlflow.pytorch", "mlflow.pyfunc"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # allconv_cli/
     with tempfile.TemporaryDirectory(prefix="allconv-model-") as tmp, \
             mlflow.start_run(run_id=run_id, log_system_metrics=False):
         bundle = Path(tmp) / "bundle.pt"
         save_bundle(bundle, cfg, cpu_model, data)
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=Artifact.MODEL,
             python_model=RawImageClassifier(),
             artifacts={BUNDLE: str(bundle)},
             code_paths=[str(package)],  # the model loads where allconv is not installed
@@ -115,7 +116,7 @@ def log_models(run_id: str, cfg: TrainConfig, model: torch.nn.Module, data: Data
         )
         mlflow.pytorch.log_model(
             cpu_model,
-            name="network",
+            name=Artifact.NETWORK,
             input_example=torch.zeros(1, 3, 32, 32).numpy(),
             serialization_format="pickle",
             pip_requirements=[*_requirements(), f"allconv=={__version__}"],
