@@ -65,6 +65,7 @@ def train_command(
     from allconv_cli.progress import RichProgress, summary_table
     from allconv_cli.tracked_run import run_tracked
     from allconv_cli.tracking import store
+    from allconv_cli.tracking.schema import Metric, Status
 
     console = Console(stderr=as_json)
     if resume_run_id:
@@ -75,12 +76,12 @@ def train_command(
                           "with allconv train (e.g. with more --epochs)", highlight=False, soft_wrap=True)
             if as_json:
                 metrics = run.data.metrics
-                click.echo(json.dumps({"run_id": resume_run_id, "status": "finished", "epochs": done,
-                                       "val_accuracy": metrics.get("final_val_accuracy"),
-                                       "test_accuracy": metrics.get("test_accuracy"), "resumed": False}))
+                click.echo(json.dumps({"run_id": resume_run_id, "status": Status.FINISHED.value, "epochs": done,
+                                       "val_accuracy": metrics.get(Metric.FINAL_VAL_ACCURACY),
+                                       "test_accuracy": metrics.get(Metric.TEST_ACCURACY), "resumed": False}))
             return
         cfg = TrainConfig.from_params(run.data.params)
-        experiment_name = store.client().get_experiment(run.info.experiment_id).name
+        experiment_name = store.experiment_name(resume_run_id)
         console.print(f"Resuming run {resume_run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")
     else:
         cfg = TrainConfig(**options)
@@ -115,7 +116,7 @@ def train_command(
                     "test_loss": result.test_loss,
                     "images_per_second": result.images_per_second,
                     "seconds": result.seconds,
-                    "tracking_uri": store.tracking_uri(),
+                    "tracking_uri": store.shown_uri(),
                     "experiment": experiment_name,
                     "attempts": [dataclasses.asdict(a) for a in outcome.attempts],
                 }
@@ -126,6 +127,7 @@ def train_command(
     run = store.get_run(outcome.run_id)
     where = "" if store.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
     console.print(f"Open the run{where}: {store.ui_url(run.info.experiment_id, outcome.run_id)}", soft_wrap=True)
-    if result.status == "interrupted":
-        console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}")
+    if result.status == Status.INTERRUPTED:
+        console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}", highlight=False,
+                      soft_wrap=True)
         sys.exit(130)
