@@ -55,7 +55,7 @@ def retrying(fn: Callable[..., T], *args: Any, budget: float | None = None, **kw
                     f"the MLflow store {shown_uri()} did not answer for {elapsed:.0f} s ({_masked(exc)}): "
                     f"start it or set MLFLOW_TRACKING_URI; ${runtime.ENV_RETRY_SECONDS} sets how long to retry"
                 ) from exc
-            _OUTAGE.down(exc, limit)
+            _OUTAGE.down(limit)
             time.sleep(delay)
             delay *= 2
         else:
@@ -72,12 +72,13 @@ class _Outage:
         self.since: float | None = None
         self.lock = threading.Lock()
 
-    def down(self, exc: BaseException, limit: float) -> None:
+    def down(self, limit: float) -> None:
+        """The line names no cause (the library's would be a paragraph of connection-pool text); the error that
+        ends the retries quotes it."""
         with self.lock:
             if self.since is None:
                 self.since = time.monotonic()
-                _say(f"the MLflow store {shown_uri()} does not answer ({_masked(exc)}): retrying for up to "
-                     f"{limit:.0f} s")
+                _say(f"the MLflow store {shown_uri()} does not answer: retrying for up to {limit:.0f} s")
 
     def up(self) -> None:
         with self.lock:
