@@ -90,12 +90,7 @@ def visualize_run(
     channels with the highest peak activation over the split). Bad input raises before anything is written; an
     existing ``out`` is replaced only with ``force``, a symbolic link never."""
     started = time.perf_counter()
-    if split not in SPLITS:
-        raise AllconvError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if weights not in WEIGHTS:
-        raise AllconvError(f"unknown weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
-    if top < 1:
-        raise AllconvError(f"top={top}: show at least 1 image per unit")
+    _check_choices(split, weights, top)
     if out is not None:
         check_png(out, "--out", force)
     run = store.get_run(run_id)
@@ -124,6 +119,24 @@ def visualize_run(
     x, labels, raw = split_with_raw(data, data_cfg, split)
     if top > len(x):
         raise AllconvError(f"top={top} is more than the {len(x)} images of the {split} split: pass --top {len(x)}")
+    panels = unit_panels(model, layer, units, top, data, x, raw)
+    chosen = [panel[0] for panel in panels]
+    notes += [f"unit {unit} of {layer} is never active on the {split} split (dead)"
+              for unit, _, values, _ in panels if max(values) <= 0]
+    shown = source.removeprefix(store.run_uri(run_id, ""))  # the run is named at the start of the title
+    title = (f"run {run_id[:8]}: {cfg.registry_name}, {layer}, top {top} {split} images per unit (weights: {shown})"
+             "\nthrough each ReLU (input f, gradient R) backprop passes (f>0)R, deconvnet (R>0)R, "
+             f"guided (f>0)(R>0)R;\nshown in the network's input space ({cfg.preprocess}), min-max normalised each")
+    draw(out, title, panels, raw, labels, data.classes, force)
+    artifact = f"{ARTIFACT_DIR}/{out.name}"
+    store.log_artifact(run_id, out, ARTIFACT_DIR)
+    return Visualization(out, run_id, layer, chosen, split, source, time.perf_counter() - started, artifact, notes)
+
+
+def unit_panels(model: nn.Module, layer: str, units: Sequence[int] | int, top: int, data: Dataset, x: torch.Tensor,
+                raw: np.ndarray) -> list[tuple[int, list[int], list[float], dict[str, torch.Tensor]]]:
+    """Per unit (the given channels, or the ``units`` with the highest peak activation): its ``top`` images of
+    ``x`` (indices and peak values) and each rule's reconstruction of them."""
     peaks = saliency.peak_activations(model, layer, x)
     chosen = list(units) if not isinstance(units, int) else peaks.amax(dim=0).argsort(descending=True)[:units].tolist()
     panels = []
@@ -133,16 +146,16 @@ def visualize_run(
         _check_raw_matches(data, raw[idx.numpy()], x[idx])
         recon = {rule: saliency.reconstruct(model, layer, x[idx], unit, rule).cpu() for rule in saliency.RULES}
         panels.append((unit, idx.tolist(), values.cpu().tolist(), recon))
-        if float(values.max()) <= 0:
-            notes.append(f"unit {unit} of {layer} is never active on the {split} split (dead)")
-    shown = source.removeprefix(store.run_uri(run_id, ""))  # the run is named at the start of the title
-    title = (f"run {run_id[:8]}: {cfg.registry_name}, {layer}, top {top} {split} images per unit (weights: {shown})"
-             "\nthrough each ReLU (input f, gradient R) backprop passes (f>0)R, deconvnet (R>0)R, "
-             f"guided (f>0)(R>0)R;\nshown in the network's input space ({cfg.preprocess}), min-max normalised each")
-    draw(out, title, panels, raw, labels, data.classes, force)
-    artifact = f"{ARTIFACT_DIR}/{out.name}"
-    store.log_artifact(run_id, out, ARTIFACT_DIR)
-    return Visualization(out, run_id, layer, chosen, split, source, time.perf_counter() - started, artifact, notes)
+    return panels
+
+
+def _check_choices(split: str, weights: str, top: int) -> None:
+    if split not in SPLITS:
+        raise AllconvError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if weights not in WEIGHTS:
+        raise AllconvError(f"unknown weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if top < 1:
+        raise AllconvError(f"top={top}: show at least 1 image per unit")
 
 
 def _check_units(units: Sequence[int] | int, channels: int, layer: str) -> None:
