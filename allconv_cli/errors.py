@@ -14,9 +14,12 @@ class AllconvError(Exception):
     exit_code = 2
 
 
-def first_line(exc: object, limit: int | None = 200) -> str:
-    """An exception's first line, whitespace collapsed (its type name if it has no message), at most ``limit``
-    characters: what a one-line error quotes of a library's multi-line message."""
+class StoreUnavailable(AllconvError):
+    """A store (MLflow's, or the Optuna storage) did not answer within the retry budget. Not the user's input: a
+    search trial it stops is re-queued and does not count."""
+
+
+def first_line(exc: object) -> str:
+    """An exception's first line, whitespace collapsed (its type name if it has no message): for one-line errors."""
     text = str(exc).strip().splitlines()
-    line = " ".join(text[0].split()) if text else type(exc).__name__
-    return line if limit is None else line[:limit]
+    return " ".join(text[0].split()) if text else type(exc).__name__

@@ -19,7 +19,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 import services
 from allconv_cli import runtime, stores
-from allconv_cli.errors import AllconvError
+from allconv_cli.errors import AllconvError, StoreUnavailable
 from allconv_cli.tracking import retry, store
 from allconv_cli.tracking.schema import Status, Tag
 
@@ -51,6 +51,7 @@ def test_secrets_are_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AllconvError) as info:
         store.get_run("0123456789abcdef0123456789abcdef")
     message = str(info.value)
+    assert isinstance(info.value, StoreUnavailable)  # not the user's input: a search re-queues the trial
     assert "s3cret" not in message and "alice:***@127.0.0.1" in message, message
     assert store.shown_uri() == stores.safe_url(uri)
     url = store.ui_url("1", "abc")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from mlflow.exceptions import MlflowException
 
 from allconv_cli import runtime, stores
-from allconv_cli.errors import AllconvError, first_line
+from allconv_cli.errors import AllconvError, StoreUnavailable, first_line
 
 T = TypeVar("T")
 
@@ -33,7 +33,8 @@ def retrying(fn: Callable[..., T], *args: Any, budget: float | None = None, **kw
 
     The one retry layer: :func:`allconv_cli.runtime.configure` turns MLflow's own HTTP retries off, and the back-off
     here stops once it would exceed ``budget`` seconds (``$ALLCONV_TRACKING_RETRY_SECONDS``, default 120), so a
-    call fails after at most that plus one request timeout. Unwritable storage fails at once. Being where an
+    call fails after at most that plus one request timeout, with :class:`~allconv_cli.errors.StoreUnavailable` (a
+    search re-queues the trial it stopped). Unwritable storage fails at once. Being where an
     outage is seen, it says (once per outage, on stderr) when the store stopped answering and when it came back.
     """
     limit = runtime.retry_budget() if budget is None else budget
@@ -51,7 +52,7 @@ def retrying(fn: Callable[..., T], *args: Any, budget: float | None = None, **kw
                 raise
             elapsed = time.monotonic() - started
             if elapsed + delay > limit:
-                raise AllconvError(
+                raise StoreUnavailable(
                     f"the MLflow store {shown_uri()} did not answer for {elapsed:.0f} s ({_masked(exc)}): "
                     f"start it or set MLFLOW_TRACKING_URI; ${runtime.ENV_RETRY_SECONDS} sets how long to retry"
                 ) from exc
@@ -97,7 +98,8 @@ def _say(line: str) -> None:
 
 def _masked(exc: BaseException) -> str:
     """An exception's first line with every URL in it shown through ``safe_url`` (a message may quote the URI)."""
-    return re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", lambda m: stores.safe_url(m.group()), first_line(exc))
+    masked = re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", lambda m: stores.safe_url(m.group()), first_line(exc))
+    return masked[:200]
 
 
 # Local storage errors that no retry fixes: no space, quota, read-only file system, no permission.
