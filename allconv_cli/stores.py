@@ -40,6 +40,12 @@ def safe_url(url: str) -> str:
     return f"{scheme}://{main}{question}{query}"
 
 
+def tracking_uri() -> str:
+    """The MLflow tracking URI every part of allconv uses: ``$MLFLOW_TRACKING_URI`` (``mlflow.set_tracking_uri`` sets
+    it too), else MLflow's own default. The one place it is resolved; print it through :func:`safe_url`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///...`` URL (relative to the working directory), None for any other URL."""
     if not url.startswith("sqlite:"):
@@ -100,7 +106,7 @@ def check_tracking_store(write: bool = True) -> str:
     naming the folder and the fix instead of MLflow's two minutes of retries. ``write=False`` (resume, visualize)
     only reads: a local SQLite file that does not exist is an error, not a new empty database.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = tracking_uri()
     fix = f"run in a folder you can write, or set MLFLOW_TRACKING_URI to another store; {DOCKER_HINT}"
     path = sqlite_path(uri) if uri.startswith("sqlite:") else local_path(uri)
     if not write:
@@ -133,5 +139,5 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         reason = f"HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         reason = str(getattr(exc, "reason", exc))
-    raise AllconvError(f"the MLflow server {uri} does not answer ({reason}): start it (see docs/scaling.md) or "
-                       "set MLFLOW_TRACKING_URI")
+    raise AllconvError(f"the MLflow server {safe_url(uri)} does not answer ({reason}): start it (see docs/scaling.md) "
+                       "or set MLFLOW_TRACKING_URI")

@@ -6,12 +6,14 @@ plain backpropagation, the "deconvnet" and guided backpropagation reconstruct fr
 out; the picture is written as a PNG and logged as an artifact of the run. Reconstructions are shown in the
 network's input space (GCN+ZCA whitened for the paper's runs): mapped back through the inverse whitening they turn
 into low-frequency colour blobs that hide the edges guided backpropagation finds.
+
+Weights come from the run's checkpoints, read with ``weights_only=True``: never the pickled ``network`` model, whose
+loading would run whatever code the run's artifacts hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -27,9 +29,12 @@ from allconv_cli.config import TrainConfig
 from allconv_cli.data import NUM_CLASSES, DataConfig, Dataset, load_onto, load_raw, pick_test_indices, split_indices
 from allconv_cli.engine import build_model, load_checkpoint, resolve_device
 from allconv_cli.errors import AllconvError
+from allconv_cli.output_files import check_png, write_file
 from allconv_cli.tracking import store
+from allconv_cli.tracking.schema import Artifact, Tag
 
-WEIGHTS: tuple[str, ...] = ("model", "best", "last")  # the logged MLflow model, or checkpoints/{best,last}.pt
+# checkpoint: checkpoints/best.pt, else checkpoints/last.pt; best, last: that one. Weights only, no pickled code.
+WEIGHTS: tuple[str, ...] = ("checkpoint", "best", "last")
 SPLITS: tuple[str, ...] = ("val", "test")
 ARTIFACT_DIR = "visualize"
 COLUMNS = ("image", *saliency.RULES)
@@ -49,7 +54,7 @@ class Visualization:
     layer: str
     units: list[int]
     split: str
-    weights: str  # where the weights came from, in words
+    weights: str  # where the weights came from: runs:/<run id>/checkpoints/<kind>.pt (epoch N)
     seconds: float
     artifact: str
     notes: list[str] = field(default_factory=list)
@@ -76,21 +81,18 @@ def visualize_run(
     top: int = 4,
     out: Path | None = None,
     split: str = "val",
-    weights: str = "model",
+    weights: str = "checkpoint",
     data_dir: str | None = None,
     device: str = "auto",
+    force: bool = False,
 ) -> Visualization:
     """Write the figure for ``run_id`` and log it to the run. ``units``: channel indices, or a count N (the N
-    channels with the highest peak activation over the split). Bad input raises before anything is written."""
+    channels with the highest peak activation over the split). Bad input raises before anything is written; an
+    existing ``out`` is replaced only with ``force``, a symbolic link never."""
     started = time.perf_counter()
-    if split not in SPLITS:
-        raise AllconvError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if weights not in WEIGHTS:
-        raise AllconvError(f"unknown weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
-    if top < 1:
-        raise AllconvError(f"top={top}: show at least 1 image per unit")
+    _check_choices(split, weights, top)
     if out is not None:
-        _check_out(out)
+        check_png(out, "--out", force)
     run = store.get_run(run_id)
     cfg = TrainConfig.from_params(run.data.params)
     if data_dir is not None:
@@ -107,16 +109,34 @@ def visualize_run(
     _check_units(units, saliency.unit_count(skeleton, layer, torch.zeros(1, 3, 32, 32)), layer)
     if out is None:
         out = default_out(run_id, layer)
-        _check_out(out)
+        check_png(out, "--out", force)
     model, source = load_weights(run_id, skeleton, weights, dev, notes)
 
     data = load_onto(data_cfg, dev)
-    recorded = run.data.tags.get(f"{store.TAG}data_hash")
+    recorded = run.data.tags.get(Tag.DATA_HASH)
     if recorded and recorded != data.fingerprint:
         notes.append(f"the data rebuilt here (hash {data.fingerprint}) differs from the run's ({recorded})")
     x, labels, raw = split_with_raw(data, data_cfg, split)
     if top > len(x):
         raise AllconvError(f"top={top} is more than the {len(x)} images of the {split} split: pass --top {len(x)}")
+    panels = unit_panels(model, layer, units, top, data, x, raw)
+    chosen = [panel[0] for panel in panels]
+    notes += [f"unit {unit} of {layer} is never active on the {split} split (dead)"
+              for unit, _, values, _ in panels if max(values) <= 0]
+    shown = source.removeprefix(store.run_uri(run_id, ""))  # the run is named at the start of the title
+    title = (f"run {run_id[:8]}: {cfg.registry_name}, {layer}, top {top} {split} images per unit (weights: {shown})"
+             "\nthrough each ReLU (input f, gradient R) backprop passes (f>0)R, deconvnet (R>0)R, "
+             f"guided (f>0)(R>0)R;\nshown in the network's input space ({cfg.preprocess}), min-max normalised each")
+    draw(out, title, panels, raw, labels, data.classes, force)
+    artifact = f"{ARTIFACT_DIR}/{out.name}"
+    store.log_artifact(run_id, out, ARTIFACT_DIR)
+    return Visualization(out, run_id, layer, chosen, split, source, time.perf_counter() - started, artifact, notes)
+
+
+def unit_panels(model: nn.Module, layer: str, units: Sequence[int] | int, top: int, data: Dataset, x: torch.Tensor,
+                raw: np.ndarray) -> list[tuple[int, list[int], list[float], dict[str, torch.Tensor]]]:
+    """Per unit (the given channels, or the ``units`` with the highest peak activation): its ``top`` images of
+    ``x`` (indices and peak values) and each rule's reconstruction of them."""
     peaks = saliency.peak_activations(model, layer, x)
     chosen = list(units) if not isinstance(units, int) else peaks.amax(dim=0).argsort(descending=True)[:units].tolist()
     panels = []
@@ -126,22 +146,16 @@ def visualize_run(
         _check_raw_matches(data, raw[idx.numpy()], x[idx])
         recon = {rule: saliency.reconstruct(model, layer, x[idx], unit, rule).cpu() for rule in saliency.RULES}
         panels.append((unit, idx.tolist(), values.cpu().tolist(), recon))
-        if float(values.max()) <= 0:
-            notes.append(f"unit {unit} of {layer} is never active on the {split} split (dead)")
-    title = (f"run {run_id[:8]}: {cfg.registry_name}, {layer}, top {top} {split} images per unit "
-             f"(weights: {source})\nthrough each ReLU (input f, gradient R) backprop passes (f>0)R, deconvnet (R>0)R, "
-             f"guided (f>0)(R>0)R;\nshown in the network's input space ({cfg.preprocess}), min-max normalised each")
-    draw(out, title, panels, raw, labels, data.classes)
-    artifact = f"{ARTIFACT_DIR}/{out.name}"
-    store.retrying(store.client().log_artifact, run_id, str(out), ARTIFACT_DIR)
-    return Visualization(out, run_id, layer, chosen, split, source, time.perf_counter() - started, artifact, notes)
+    return panels
 
 
-def _check_out(out: Path) -> None:
-    if out.suffix.lower() != ".png":
-        raise AllconvError(f"--out {out}: the figure is a PNG, give a file name ending in .png")
-    if not out.parent.is_dir():
-        raise AllconvError(f"--out {out}: folder {out.parent} does not exist, create it or choose another")
+def _check_choices(split: str, weights: str, top: int) -> None:
+    if split not in SPLITS:
+        raise AllconvError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if weights not in WEIGHTS:
+        raise AllconvError(f"unknown weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if top < 1:
+        raise AllconvError(f"top={top}: show at least 1 image per unit")
 
 
 def _check_units(units: Sequence[int] | int, channels: int, layer: str) -> None:
@@ -158,30 +172,29 @@ def _check_units(units: Sequence[int] | int, channels: int, layer: str) -> None:
 
 def load_weights(run_id: str, skeleton: nn.Module, weights: str, device: torch.device,
                  notes: list[str]) -> tuple[nn.Module, str]:
-    """The run's trained network in eval mode on ``device``, and where it came from; ``skeleton`` is the run's
-    architecture, which takes a checkpoint's weights.
+    """The run's trained network in eval mode on ``device``, and its full ``runs:/`` address with the epoch.
 
-    ``model`` is the network the run logged (``runs:/ID/network``) when it finished; a run without one (stopped
-    early) falls back to its best checkpoint, and says so.
+    ``skeleton`` is the run's architecture; it takes the weights of ``checkpoints/best.pt`` (``checkpoint``: else
+    ``last.pt``, and a note says so), read with ``weights_only=True`` so no code from the run's artifacts runs.
+    The downloaded file is removed once read.
     """
-    if weights == "model":
-        import mlflow.pytorch
-        from mlflow.exceptions import MlflowException
-
-        logging.getLogger("mlflow").setLevel(logging.ERROR)  # version-mismatch warnings about the pickled model
+    kinds = ("best", "last") if weights == "checkpoint" else (weights,)
+    for kind in kinds:
         try:
-            model = mlflow.pytorch.load_model(f"runs:/{run_id}/network", map_location=device)
-            return model.to(device).float().eval(), f"runs:/{run_id[:8]}/network"
-        except (MlflowException, OSError) as exc:
-            notes.append(f"run {run_id} has no loadable logged model ({type(exc).__name__}): using checkpoints/best.pt")
-            weights = "best"
-    try:
-        path = store.download_checkpoint(run_id, weights)
-    except AllconvError:
-        raise AllconvError(f"run {run_id} has no checkpoints/{weights}.pt: try --weights model, best or last") from None
-    state = load_checkpoint(path)
-    skeleton.load_state_dict(state["model"])
-    return skeleton.to(device).eval(), f"checkpoints/{weights}.pt (epoch {state.get('epoch', '?')})"
+            with store.checkpoint_file(run_id, kind) as path:
+                state = load_checkpoint(path)
+        except AllconvError as exc:
+            if kind != kinds[-1]:
+                notes.append(f"run {run_id} has no usable checkpoints/{kind}.pt ({exc}): using checkpoints/last.pt")
+                continue
+            wanted = " or ".join(f"{Artifact.CHECKPOINTS}/{k}.pt" for k in kinds)
+            other = "best" if kind == "last" else "last"
+            raise AllconvError(f"run {run_id} has no usable {wanted} ({exc}): try --weights {other}, or a run that "
+                               "trained at least one epoch") from None
+        skeleton.load_state_dict(state["model"])
+        address = store.run_uri(run_id, f"{Artifact.CHECKPOINTS}/{kind}.pt")
+        return skeleton.to(device).eval(), f"{address} (epoch {state.get('epoch', '?')})"
+    raise AssertionError("unreachable: the last kind returns or raises")
 
 
 def split_with_raw(data: Dataset, data_cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -218,7 +231,8 @@ def _normalise(image: np.ndarray) -> np.ndarray:
     return np.full_like(image, 0.5) if high <= low else (image - low) / (high - low)
 
 
-def draw(out: Path, title: str, panels: list, raw: np.ndarray, labels: torch.Tensor, classes: list[str]) -> None:
+def draw(out: Path, title: str, panels: list, raw: np.ndarray, labels: torch.Tensor, classes: list[str],
+         force: bool = False) -> None:
     """One block per unit: each row a top image and its three reconstructions, min-max normalised each."""
     import matplotlib
 
@@ -253,5 +267,7 @@ def draw(out: Path, title: str, panels: list, raw: np.ndarray, labels: torch.Ten
                     ax.set_title(COLUMNS[c], fontsize=7, pad=2)
                 if c == 0:
                     ax.set_ylabel(f"#{i} {classes[int(labels[i])]}\n{values[r]:.2f}", fontsize=5, labelpad=1)
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    try:
+        write_file(out, lambda file: fig.savefig(file, dpi=DPI, format="png"), force)
+    finally:
+        plt.close(fig)

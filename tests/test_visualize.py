@@ -1,4 +1,6 @@
-"""`allconv visualize`: the three ReLU back-propagation rules by hand, and the command end to end on a fake run."""
+"""`allconv visualize`: the three ReLU back-propagation rules by hand, and the command end to end on a fake run:
+weights only (no pickle is loaded), no temporary checkpoint left behind, and --out never overwrites or follows a link
+without being told."""
 
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ def test_visualize_writes_the_figure_and_logs_it(fake_run: tuple[Path, str]) -> 
     """Both weight sources and both splits; each run also checks that the raw pictures it shows, preprocessed again,
     are the very inputs it analysed (visualize._check_raw_matches)."""
     cwd, run_id = fake_run
+    checkpoint = f"weights runs:/{run_id}/checkpoints/best.pt (epoch 1)"
     default, from_checkpoint = run_side_by_side(
         [
             _allconv("visualize", run_id, "--top", "2", "--units", "2"),
@@ -130,8 +133,9 @@ def test_visualize_writes_the_figure_and_logs_it(fake_run: tuple[Path, str]) -> 
     assert from_checkpoint.returncode == 0, from_checkpoint.stderr
     png = cwd / f"visualize-{run_id[:8]}-conv4.png"
     assert f"Wrote {png.name} (conv4 units " in default.stdout
-    assert "top 2 val images each, weights runs:/" in default.stdout
-    assert "pool1 units 0,5,95, top 3 test images each, weights checkpoints/best.pt (epoch 1)" in from_checkpoint.stdout
+    assert f"top 2 val images each, {checkpoint}" in default.stdout
+    assert f"pool1 units 0,5,95, top 3 test images each, {checkpoint}" in from_checkpoint.stdout
+    assert f"Logged to the run as runs:/{run_id}/visualize/pool.png" in from_checkpoint.stdout
     for path, (units, top) in ((png, (2, 2)), (cwd / "pool.png", (3, 3))):
         image = matplotlib.image.imread(path)
         width, height = figure_pixels(units, top)
@@ -165,3 +169,68 @@ def test_visualize_bad_input_is_one_line_and_writes_nothing(fake_run: tuple[Path
         assert result.stdout == ""
     assert sorted(p.name for p in cwd.iterdir()) == before
     assert _artifacts(cwd, run_id) == artifacts_before
+
+
+# Run in place of `allconv visualize`: every torch.load must be weights-only (a pickled model would run the code
+# its author put in it), and the CLI must not import the module that loads pickled MLflow models.
+GUARDED = """
+import sys, torch
+from allconv_cli.cli import main
+real_load = torch.load
+def weights_only_load(*args, **kwargs):
+    assert kwargs.get("weights_only") is True, f"torch.load without weights_only=True: {args[:1]}"
+    return real_load(*args, **kwargs)
+torch.load = weights_only_load
+try:
+    main(sys.argv[1:], prog_name="allconv")
+finally:
+    assert "mlflow.pytorch" not in sys.modules, "visualize imported mlflow.pytorch (pickled models)"
+"""
+
+
+@pytest.mark.e2e
+def test_visualize_loads_weights_only_and_leaves_no_temporary_checkpoint(fake_run: tuple[Path, str],
+                                                                        tmp_path: Path) -> None:
+    """The run also holds the pickled ``network`` model; visualize never unpickles it, and the checkpoint it
+    downloads goes into a temporary folder that is removed."""
+    cwd, run_id = fake_run
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    figure = tmp_path / "last.png"
+    figure.write_bytes(b"an older figure")  # --force replaces it
+    out = subprocess.run([sys.executable, "-c", GUARDED, "visualize", run_id, "--units", "1", "--top", "1",
+                          "--weights", "last", "--out", str(figure), "--force"],
+                         cwd=cwd, env={**_env(), "TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"weights runs:/{run_id}/checkpoints/last.pt (epoch 1)" in out.stdout
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(tmp.iterdir()) == [], "temporary files left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.png", "tmp"]
+
+
+@pytest.mark.e2e
+def test_visualize_out_is_checked_before_anything_runs(fake_run: tuple[Path, str], tmp_path: Path) -> None:
+    """An existing file needs --force, a symbolic link is refused even then, and the name must end in .png: one line,
+    exit 2, the file and the link's target untouched."""
+    cwd, run_id = fake_run
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"mine")
+    target = tmp_path / "target.txt"
+    target.write_text("keep me")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    cases = {
+        str(taken): f"--out {taken} already exists: choose another name, or pass --force to replace it",
+        str(link): f"--out {link} is a symbolic link",
+        str(tmp_path / "figure"): f"--out {tmp_path / 'figure'}: the figure is a PNG, give a file name ending in "
+                                  f".png (e.g. {tmp_path / 'figure.png'})",
+    }
+    results = run_side_by_side([_allconv("visualize", run_id, "--out", out) for out in cases]
+                               + [_allconv("visualize", run_id, "--out", str(link), "--force")], cwd=cwd, env=_env())
+    for result, message in zip(results, [*cases.values(), f"--out {link} is a symbolic link"], strict=True):
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+        assert result.stdout == ""
+    assert taken.read_bytes() == b"mine" and target.read_text() == "keep me" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "taken.png", "target.txt"]

@@ -65,26 +65,16 @@ def train_command(
     from allconv_cli.progress import RichProgress, summary_table
     from allconv_cli.tracked_run import run_tracked
     from allconv_cli.tracking import store
+    from allconv_cli.tracking.schema import Status
 
     console = Console(stderr=as_json)
     if resume_run_id:
-        run = store.get_run(resume_run_id)
-        done = store.finished_epochs(run)
-        if done is not None:  # says so and stops: no epoch trained, no second model logged
-            console.print(f"Run {resume_run_id} already finished ({done} epochs): nothing to resume; start a new run "
-                          "with allconv train (e.g. with more --epochs)", highlight=False, soft_wrap=True)
-            if as_json:
-                metrics = run.data.metrics
-                click.echo(json.dumps({"run_id": resume_run_id, "status": "finished", "epochs": done,
-                                       "val_accuracy": metrics.get("final_val_accuracy"),
-                                       "test_accuracy": metrics.get("test_accuracy"), "resumed": False}))
+        resumed = _resumable(resume_run_id, console, as_json)
+        if resumed is None:
             return
-        cfg = TrainConfig.from_params(run.data.params)
-        experiment_name = store.client().get_experiment(run.info.experiment_id).name
-        console.print(f"Resuming run {resume_run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")
+        cfg, experiment_name = resumed
     else:
-        cfg = TrainConfig(**options)
-        experiment_name = experiment
+        cfg, experiment_name = TrainConfig(**options), experiment
     name = run_name or cfg.registry_name
     with RichProgress(console, name) as progress:
         outcome = run_tracked(
@@ -101,31 +91,52 @@ def train_command(
         )
     result = outcome.result
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "run_id": outcome.run_id,
-                    "status": result.status,
-                    "reason": result.reason,
-                    "epochs": result.epochs_completed,
-                    "val_accuracy": result.val_accuracy,
-                    "best_val_accuracy": result.best_val_accuracy,
-                    "best_epoch": result.best_epoch,
-                    "test_accuracy": result.test_accuracy,
-                    "test_loss": result.test_loss,
-                    "images_per_second": result.images_per_second,
-                    "seconds": result.seconds,
-                    "tracking_uri": store.tracking_uri(),
-                    "experiment": experiment_name,
-                    "attempts": [dataclasses.asdict(a) for a in outcome.attempts],
-                }
-            )
-        )
+        click.echo(_outcome_json(outcome, experiment_name))
     else:
         console.print(summary_table(result, outcome.run_id))
     run = store.get_run(outcome.run_id)
     where = "" if store.tracking_uri().startswith("http") else " (after `mlflow ui` in this folder)"
     console.print(f"Open the run{where}: {store.ui_url(run.info.experiment_id, outcome.run_id)}", soft_wrap=True)
-    if result.status == "interrupted":
-        console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}")
+    if result.status == Status.INTERRUPTED:
+        console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}", highlight=False,
+                      soft_wrap=True)
         sys.exit(130)
+
+
+def _resumable(run_id: str, console: Any, as_json: bool) -> tuple[Any, str] | None:
+    """The config and experiment of the run to resume; None (having said so) when it already finished."""
+    from allconv_cli.config import TrainConfig
+    from allconv_cli.tracking import store
+    from allconv_cli.tracking.schema import Metric, Status
+
+    run = store.get_run(run_id)
+    done = store.finished_epochs(run)
+    if done is not None:  # says so and stops: no epoch trained, no second model logged
+        console.print(f"Run {run_id} already finished ({done} epochs): nothing to resume; start a new run "
+                      "with allconv train (e.g. with more --epochs)", highlight=False, soft_wrap=True)
+        if as_json:
+            metrics = run.data.metrics
+            click.echo(json.dumps({"run_id": run_id, "status": Status.FINISHED.value, "epochs": done,
+                                   "val_accuracy": metrics.get(Metric.FINAL_VAL_ACCURACY),
+                                   "test_accuracy": metrics.get(Metric.TEST_ACCURACY), "resumed": False}))
+        return None
+    cfg = TrainConfig.from_params(run.data.params)
+    experiment_name = store.experiment_name(run_id)
+    console.print(f"Resuming run {run_id} ({cfg.model}/{cfg.branch}) in experiment {experiment_name!r}")
+    return cfg, experiment_name
+
+
+def _outcome_json(outcome: Any, experiment_name: str) -> str:
+    """``--json``: how the run ended, in one object (the tracking URI without secrets)."""
+    from allconv_cli.tracking import store
+
+    result = outcome.result
+    return json.dumps({
+        "run_id": outcome.run_id, "status": result.status, "reason": result.reason,
+        "epochs": result.epochs_completed, "val_accuracy": result.val_accuracy,
+        "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+        "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+        "images_per_second": result.images_per_second, "seconds": result.seconds,
+        "tracking_uri": store.shown_uri(), "experiment": experiment_name,
+        "attempts": [dataclasses.asdict(a) for a in outcome.attempts],
+    })

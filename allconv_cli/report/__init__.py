@@ -13,11 +13,13 @@ from typing import Any
 
 from allconv_cli.paper import PAPER, REPRODUCTION_2020
 from allconv_cli.report.plot import write_bar_chart
-from allconv_cli.report.render import render_csv, render_json, render_markdown, render_rich, wide_console
+from allconv_cli.report.render import render_csv, render_json, render_markdown
 from allconv_cli.report.runs import RunRecord, load_runs
 from allconv_cli.report.studies import Ablation, StudySummary, search_studies
 from allconv_cli.report.table3 import NetworkRow, ProtocolResult, exact_params, table3
+from allconv_cli.report.terminal import render_rich, report_console, wide_console
 from allconv_cli.tracking import store
+from allconv_cli.tracking.schema import Status
 
 __all__ = [
     "Report",
@@ -26,6 +28,7 @@ __all__ = [
     "render_json",
     "render_markdown",
     "render_rich",
+    "report_console",
     "wide_console",
     "write_bar_chart",
 ]
@@ -35,7 +38,7 @@ __all__ = [
 class Report:
     """Everything ``allconv report`` shows; built once by :func:`build_report`, never changed afterwards."""
 
-    tracking_uri: str
+    tracking_uri: str  # as it may be shown: secrets replaced by ***
     experiments: tuple[str, ...]
     networks: tuple[NetworkRow, ...]
     studies: tuple[StudySummary, ...]
@@ -64,7 +67,7 @@ def build_report(experiments: Sequence[str] | None = None, networks: Collection[
     runs, names = load_runs(experiments)
     rows = [row for row in table3(runs, exact_params()) if networks is None or (row.base, row.branch) in networks]
     studies, ablations = search_studies(runs) if include_studies else ([], [])
-    uri = store.tracking_uri()
+    uri = store.shown_uri()
     return Report(uri, tuple(names), tuple(rows), tuple(studies), tuple(ablations),
                   _notes(runs, names, rows, uri))
 
@@ -76,7 +79,7 @@ def _notes(runs: list[RunRecord], names: list[str], rows: list[NetworkRow], uri:
         where = ", ".join(names) if names else "any experiment"
         notes.append(f"no runs in {where} of {uri}: run `allconv reproduce` first")
     elif not any(result for row in rows for result in row.protocols.values()):
-        notes.append("no `allconv reproduce` runs found: every network shows as missing")
+        notes.append("Table 3 is empty: `allconv reproduce` fills it (see `allconv reproduce --help`)")
     for row in rows:
         for result in row.protocols.values():
             if result is None:
@@ -100,7 +103,7 @@ def _run_notes(label: str, result: ProtocolResult) -> list[str]:
     notes = []
     if result.collapsed_attempts:
         per_lr = ", ".join(
-            f"lr {o.lr:g}: {o.collapsed_attempts}" + (" (every attempt)" if o.status == "collapsed" else
+            f"lr {o.lr:g}: {o.collapsed_attempts}" + (" (every attempt)" if o.status == Status.COLLAPSED else
                                                       f" (then attempt {o.attempt} {o.status})")
             for o in result.per_lr if o.collapsed_attempts)
         notes.append(f"{label}: {result.collapsed_attempts} collapsed attempt(s), each restarted with a new seed "

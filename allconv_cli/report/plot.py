@@ -5,8 +5,10 @@ matplotlib is imported when a chart is drawn, with the Agg backend (no display n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from allconv_cli.output_files import write_file
 from allconv_cli.paper import PROTOCOLS
 
 if TYPE_CHECKING:
@@ -20,11 +22,13 @@ SERIES = (  # (label, colour)
 )
 
 
-def write_bar_chart(report: Report, path: str) -> None:
+def write_bar_chart(report: Report, path: str | Path, force: bool = False) -> None:
     """A grouped bar chart of test error per network: paper, 2020 reproduction, ours under each protocol.
 
     Readable on its own: values on the bars, "not run" where a network has no result, hatching where our runs do
-    not use the paper's setting (fewer epochs, a subset, other data).
+    not use the paper's setting (fewer epochs, a subset, other data). The legend sits between the title and the
+    axes, in two columns, inside the figure. ``path`` is written whole (:func:`~allconv_cli.output_files.write_file`:
+    an existing file only with ``force``, never through a link).
     """
     import matplotlib
 
@@ -44,7 +48,7 @@ def write_bar_chart(report: Report, path: str) -> None:
     present = [v for series in values for v in series if v is not None]
     top = max(present) * 1.18 if present else 30.0
     width = 0.2
-    fig, ax = plt.subplots(figsize=(15, 6.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(15, 7), dpi=110, layout="constrained")
     for s, ((_label, colour), series) in enumerate(zip(SERIES, values, strict=True)):
         offset = (s - 1.5) * width
         for i, value in enumerate(series):
@@ -61,17 +65,16 @@ def write_bar_chart(report: Report, path: str) -> None:
     ax.set_xticklabels([r.display_name for r in rows], rotation=25, ha="right", fontsize=9)
     ax.set_ylim(0, top)
     ax.set_ylabel("CIFAR-10 test error (%), lower is better")
-    ax.set_title("The All Convolutional Net, Table 3: paper vs the 2020 reproduction vs ours (no augmentation)",
-                 pad=34)
+    fig.suptitle("The All Convolutional Net, Table 3: paper vs the 2020 reproduction vs ours (no augmentation)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     handles = [Patch(facecolor=c, label=label) for label, c in SERIES]
     if any(any(h) for h in hatched):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
                              label="hatched: not the paper's setting (fewer epochs / subset / other data)"))
-    # above the axes, so it never hides a bar however high our errors are
-    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=len(handles),
-              frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    # above the axes (never over a bar, however high our errors are), and the constrained layout keeps it in the figure
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=2, frameon=False)
+    try:
+        write_file(Path(path), lambda file: fig.savefig(file, format="png"), force)
+    finally:
+        plt.close(fig)

@@ -1,6 +1,7 @@
-"""The four views of a built :class:`~allconv_cli.report.Report`: a rich terminal table, markdown, csv and json.
+"""The cells of a built :class:`~allconv_cli.report.Report`, and three of its views: markdown, csv and json.
 
-Rendering only reads the report, never MLflow; rich is imported when a table is drawn.
+Rendering only reads the report, never MLflow. Numbers a person reads (terminal, markdown, csv) have at most 4
+significant digits; json keeps MLflow's full precision. The terminal view is :mod:`.terminal`.
 """
 
 from __future__ import annotations
@@ -8,17 +9,36 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from allconv_cli.paper import PROTOCOLS
 from allconv_cli.report.studies import Ablation, StudySummary
 from allconv_cli.report.table3 import LrOutcome, NetworkRow, ProtocolResult
+from allconv_cli.tracking.schema import Status
 
 if TYPE_CHECKING:
     from allconv_cli.report import Report
 
 PROTOCOL_SHORT = {"paper": "test-sel.", "validated": "val-sel."}
+
+
+def significant(value: float, digits: int = 4) -> str:
+    """``value`` to ``digits`` significant digits as a person reads it: 89.49000000000001 -> 89.49, 0.0627234 ->
+    0.06272, 1.2e-05 stays 1.2e-05; a whole number has no decimals and a large one no exponent (12346, not
+    1.235e+04)."""
+    if value.is_integer() or abs(value) >= 10**digits:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def param_text(raw: str) -> str:
+    """A logged param as the terminal and csv show it: decimals to 4 significant digits, anything else as logged."""
+    try:
+        number = float(raw)
+    except ValueError:
+        return raw
+    return significant(number) if any(c in raw for c in ".eE") and number == number else raw
 
 
 def _number(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -33,7 +53,7 @@ def _fraction_as_percent(value: float | None) -> str:
 
 
 def _lr(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+    return "-" if value is None else significant(value)
 
 
 def _ours(result: ProtocolResult | None) -> str:
@@ -42,17 +62,24 @@ def _ours(result: ProtocolResult | None) -> str:
     return f"{result.ours_test_error:.2f}" + ("" if result.comparable else "*")
 
 
-def table3_header() -> list[str]:
-    """Short headers (the legend under the table explains them), so 13 columns fit a terminal."""
+def table3_header(protocols: Sequence[str] = PROTOCOLS, wide: bool = True) -> list[str]:
+    """The wide table's 13 columns (markdown, ``--wide``), or the compact one's: no printed parameter counts and
+    short headers, so both protocols fit a 120-column terminal (the legend explains them)."""
+    if not wide:
+        cols = ["network", "params", "paper", "2020"]
+        for protocol in protocols:
+            cols += [f"ours {PROTOCOL_SHORT[protocol]}", "lr", "diff", "div."]
+        return cols
     cols = ["network", "params", "paper params", "paper err %", "2020 err %"]
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         cols += [f"ours {PROTOCOL_SHORT[protocol]} err %", "lr", "diff", "diverged"]
     return cols
 
 
-def table3_cells(row: NetworkRow) -> list[str]:
-    cells = [row.display_name, f"{row.params:,}", row.paper_params, f"{row.paper_error:.2f}", f"{row.error_2020:.2f}"]
-    for protocol in PROTOCOLS:
+def table3_cells(row: NetworkRow, protocols: Sequence[str] = PROTOCOLS, wide: bool = True) -> list[str]:
+    cells = [row.display_name, f"{row.params:,}", *([row.paper_params] if wide else []), f"{row.paper_error:.2f}",
+             f"{row.error_2020:.2f}"]
+    for protocol in protocols:
         result = row.protocols[protocol]
         if result is None:
             cells += ["-", "-", "-", "-"]
@@ -62,11 +89,16 @@ def table3_cells(row: NetworkRow) -> list[str]:
     return cells
 
 
+def has_table3(report: Report) -> bool:
+    """Whether any network has an ``allconv reproduce`` result: an empty Table 3 is not drawn."""
+    return any(result is not None for row in report.networks for result in row.protocols.values())
+
+
 VALIDATED_HEADER = ["network", "lr", "val acc %", "selection run err %", "final run err %", "final status",
                     "final diff", "final attempt"]
 
 
-def _validated_rows(report: Report) -> list[list[str]]:
+def validated_rows(report: Report) -> list[list[str]]:
     """The validated protocol's two runs per network: the selection run (validation split held out) and the final
     run (that lr on all training images)."""
     rows = []
@@ -87,11 +119,11 @@ def _attempts_cell(outcome: LrOutcome | None) -> str:
     if outcome is None:
         return "-"
     text = outcome.status
-    if outcome.status == "collapsed":
+    if outcome.status == Status.COLLAPSED:
         text = f"collapsed x{outcome.collapsed_attempts}"
     elif outcome.collapsed_attempts:
         text += f" ({outcome.collapsed_attempts} collapsed)"
-    if outcome.dead_classes and outcome.status != "collapsed":  # a partly dead head that still trained
+    if outcome.dead_classes and outcome.status != Status.COLLAPSED:  # a partly dead head that still trained
         text += f", dead {outcome.dead_classes}"
     return text
 
@@ -100,7 +132,7 @@ def attempts_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Per network, protocol and lr: how its runs ended, collapsed attempts counted (and the final run's)."""
     results = [(row, result) for row in report.networks for result in row.protocols.values() if result is not None]
     lrs = sorted({o.lr for _, result in results for o in result.per_lr if o.lr is not None}, reverse=True)
-    header = ["network", "protocol", *(f"lr {lr:g}" for lr in lrs), "final run"]
+    header = ["network", "protocol", *(f"lr {significant(lr)}" for lr in lrs), "final run"]
     rows = []
     for row, result in results:
         by_lr = {o.lr: o for o in result.per_lr}
@@ -112,100 +144,40 @@ def attempts_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _study_cells(study: StudySummary) -> list[str]:
-    params = ", ".join(f"{k}={v}" for k, v in study.best_params.items()) or "-"
-    return [study.name, study.space or "-", study.network or "-", f"{study.finished}/{study.trials}",
-            _fraction_as_percent(study.val_accuracy), _number(study.test_error), _number(study.final_test_error),
-            params]
+def study_cells(study: StudySummary) -> list[str]:
+    """``finished`` as ``allconv search`` counts it: "6 of 6" (complete + pruned + failed of --trials)."""
+    params = ", ".join(f"{k}={param_text(v)}" for k, v in study.best_params.items()) or "-"
+    done = f"{study.done} of {study.target_trials}" if study.target_trials is not None else str(study.done)
+    return [study.name, study.space or "-", study.network or "-", done, _fraction_as_percent(study.val_accuracy),
+            _number(study.test_error), _number(study.final_test_error), params]
 
 
 STUDY_HEADER = ["study", "space", "network", "finished", "val acc %", "its test err %", "final retrain err %",
                 "best params"]
 
 
-def _ablation_header(ablation: Ablation) -> list[str]:
+def ablation_header(ablation: Ablation) -> list[str]:
     return [*ablation.columns, "trials", "diverged", "val acc %", "its test err %"]
 
 
-def _ablation_cells(ablation: Ablation, row: dict[str, Any]) -> list[str]:
-    return [*(str(row[c]) for c in ablation.columns), str(row["trials"]), str(row["diverged"]),
+def ablation_cells(ablation: Ablation, row: dict[str, Any]) -> list[str]:
+    return [*(param_text(str(row[c])) for c in ablation.columns), str(row["trials"]), str(row["diverged"]),
             _fraction_as_percent(row["val_accuracy"]), _number(row["test_error"])]
 
 
-def _legend() -> list[str]:
+def legend(wide: bool = True) -> list[str]:
+    """What the Table 3 columns mean, one short line each (each fits 120 columns); under the compact table also
+    how to get the wide one."""
     return [
-        "test-sel.: the paper's protocol, all 50,000 training images, the lr with the lowest TEST error "
-        "(selection on the test set, optimistic).",
-        "val-sel.: the lr with the best validation accuracy on a held-out split, retrained on all training images "
-        "(the final run) and tested once: the honest number (the selection run's own test error when there is no "
-        "final run yet). diff = ours - paper, in points; * = not the paper's setting (see notes).",
+        *([] if wide else ["paper, 2020: their test error %; ours: our test error %; div.: diverged runs / lrs tried"]),
+        "test-sel.: the paper's protocol, lr chosen on the test set (lowest TEST error: optimistic), all 50,000 "
+        "training images",
+        "val-sel.: lr chosen on a held-out validation split, retrained on all training images (the final run) and "
+        "tested once",
+        "  (the honest number; the selection run's own test error while there is no final run yet)",
+        "diff = ours - paper, in points; * = not the paper's setting (see notes)"
+        + ("" if wide else "; the wide table: allconv report --wide"),
     ]
-
-
-def wide_console(**kwargs: Any) -> Any:
-    """A rich Console that, when output is piped or captured, does not squeeze the 13-column table into 80 columns."""
-    import shutil
-
-    from rich.console import Console
-
-    console = Console(**kwargs)
-    if not console.is_terminal:
-        console = Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160), **kwargs)
-    return console
-
-
-def render_rich(report: Report, console: Any) -> None:
-    """The terminal view: Table 3, then search studies and ablations when there are any, then notes."""
-    from rich.table import Table
-
-    table = Table(title="Table 3: CIFAR-10 test error (%), paper vs this reproduction", title_style="bold")
-    for i, name in enumerate(table3_header()):
-        table.add_column(name, justify="left" if i in (0, 2) else "right", no_wrap=i == 0)
-    for row in report.networks:
-        table.add_row(*table3_cells(row))
-        if row.branch == "allcnn" and row.base != "C":
-            table.add_section()
-    console.print(table)
-    for line in _legend():
-        console.print(line, style="dim", highlight=False)
-    validated = _validated_rows(report)
-    if validated:
-        console.print(_rich_table(VALIDATED_TITLE, VALIDATED_HEADER, validated))
-    header, rows = attempts_table(report)
-    if rows:
-        console.print(_rich_table(ATTEMPTS_TITLE, header, rows))
-    if report.studies:
-        studies = Table(title="allconv search studies (best trial by validation accuracy)", title_style="bold")
-        for name in STUDY_HEADER:
-            studies.add_column(name, overflow="fold")
-        for study in report.studies:
-            studies.add_row(*_study_cells(study))
-        console.print(studies)
-    for ablation in report.ablations:
-        table = Table(title=f"Ablation: {ablation.title} ({ablation.study})", title_style="bold")
-        for name in _ablation_header(ablation):
-            table.add_column(name)
-        for row in ablation.rows:
-            table.add_row(*_ablation_cells(ablation, row))
-        console.print(table)
-    for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
-
-
-VALIDATED_TITLE = ("Validated protocol: the selection run (validation split held out) and the final run (all "
-                   "training images)")
-ATTEMPTS_TITLE = "Runs per lr: last attempt's status (a collapsed run is restarted with a new seed, same data split)"
-
-
-def _rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title, title_style="bold")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for cells in rows:
-        table.add_row(*cells)
-    return table
 
 
 def _md_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -216,24 +188,39 @@ def _md_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 
 def render_markdown(report: Report) -> str:
-    lines = ["## Table 3: CIFAR-10 test error (%), paper vs this reproduction", ""]
-    lines += _md_table(table3_header(), (table3_cells(row) for row in report.networks))
-    lines += ["", *(f"- {line}" for line in _legend())]
-    validated = _validated_rows(report)
-    if validated:
-        lines += ["", f"## {VALIDATED_TITLE}", "", *_md_table(VALIDATED_HEADER, validated)]
-    header, rows = attempts_table(report)
-    if rows:
-        lines += ["", f"## {ATTEMPTS_TITLE}", "", *_md_table(header, rows)]
+    """Table 3 (the wide one) and the reproduction's tables when there are results, then the studies; else the
+    studies first and the notes, which say how to fill Table 3."""
+    lines: list[str] = []
+    if has_table3(report):
+        lines += [f"## {TABLE3_TITLE}", ""]
+        lines += _md_table(table3_header(), (table3_cells(row) for row in report.networks))
+        lines += ["", *(f"- {line}" for line in legend())]
+        validated = validated_rows(report)
+        if validated:
+            lines += ["", f"## {VALIDATED_TITLE}", "", *_md_table(VALIDATED_HEADER, validated)]
+        header, rows = attempts_table(report)
+        if rows:
+            lines += ["", f"## {ATTEMPTS_TITLE}", "", *_md_table(header, rows)]
     if report.studies:
-        lines += ["", "## allconv search studies", ""]
-        lines += _md_table(STUDY_HEADER, (_study_cells(s) for s in report.studies))
+        lines += ["", f"## {STUDIES_TITLE}", ""]
+        lines += _md_table(STUDY_HEADER, (study_cells(s) for s in report.studies))
     for ablation in report.ablations:
-        lines += ["", f"## Ablation: {ablation.title} ({ablation.study})", ""]
-        lines += _md_table(_ablation_header(ablation), (_ablation_cells(ablation, r) for r in ablation.rows))
+        lines += ["", f"## {ablation_title(ablation)}", ""]
+        lines += _md_table(ablation_header(ablation), (ablation_cells(ablation, r) for r in ablation.rows))
     if report.notes:
         lines += ["", "Notes:", "", *(f"- {note}" for note in report.notes)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+TABLE3_TITLE = "Table 3: CIFAR-10 test error (%), paper vs this reproduction"
+STUDIES_TITLE = "allconv search studies (best trial by validation accuracy)"
+VALIDATED_TITLE = ("Validated protocol: the selection run (validation split held out) and the final run (all "
+                   "training images)")
+ATTEMPTS_TITLE = "Runs per lr: last attempt's status (a collapsed run is restarted with a new seed, same data split)"
+
+
+def ablation_title(ablation: Ablation) -> str:
+    return f"Ablation: {ablation.title} ({ablation.study})"
 
 
 CSV_FIELDS = ["network", "display_name", "params", "paper_params", "paper_error", "error_2020"] + [
@@ -247,7 +234,8 @@ CSV_FIELDS = ["network", "display_name", "params", "paper_params", "paper_error"
 
 
 def render_csv(report: Report) -> str:
-    """Table 3 only, one row per network, missing values as empty cells (searches and ablations: use json)."""
+    """Table 3 only, one row per network, missing values as empty cells, numbers to 4 significant digits
+    (searches, ablations and full precision: use json)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -267,8 +255,8 @@ def render_csv(report: Report) -> str:
                 "study": result.study_name, "ours_test_error": result.ours_test_error, "ours_diff": result.ours_diff,
                 "ours_from": result.ours_from, "collapsed": result.collapsed,
                 "collapsed_attempts": result.collapsed_attempts,
-                "collapsed_attempts_per_lr": ";".join(f"{o.lr:g}:{o.collapsed_attempts}" for o in result.per_lr
-                                                      if o.lr is not None),
+                "collapsed_attempts_per_lr": ";".join(f"{significant(o.lr)}:{o.collapsed_attempts}"
+                                                      for o in result.per_lr if o.lr is not None),
                 "dead_classes": result.dead_classes,
             }
             final = result.final
@@ -276,7 +264,7 @@ def render_csv(report: Report) -> str:
                 values |= {"final_test_error": final.test_error, "final_diff": final.diff, "final_status": final.status,
                            "final_attempt": final.attempt, "final_run_id": final.run_id}
             record.update({f"{protocol}_{k}": ("" if v is None else v) for k, v in values.items()})
-        writer.writerow(record)
+        writer.writerow({k: significant(v) if isinstance(v, float) else v for k, v in record.items()})
     return out.getvalue()
 
 

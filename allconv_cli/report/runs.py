@@ -10,11 +10,11 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
+from allconv_cli import stores
 from allconv_cli.errors import AllconvError
 from allconv_cli.tracking import store
+from allconv_cli.tracking.schema import Metric, Role, Tag
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,14 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
 
-    def tag(self, key: str, default: str = "") -> str:
-        return self.tags.get(store.TAG + key, default)
+    def tag(self, name: str, default: str = "") -> str:
+        """The value of tag ``name``, a :class:`~allconv_cli.tracking.schema.Tag` (or MLflow's own) name."""
+        return self.tags.get(name, default)
 
     @property
     def status(self) -> str:
-        """Our own status tag (finished, diverged, pruned, interrupted, failed, running)."""
-        return self.tag("status", self.mlflow_status.lower())
+        """Our own status tag (a :class:`~allconv_cli.tracking.schema.Status` value), else MLflow's, lower case."""
+        return self.tag(Tag.STATUS, self.mlflow_status.lower())
 
     @property
     def lr(self) -> float | None:
@@ -45,19 +46,19 @@ class RunRecord:
     @property
     def val_accuracy(self) -> float | None:
         """The validation accuracy of the final model (the one whose test error was measured)."""
-        value = self.metric("final_val_accuracy")
-        return value if value is not None else self.metric("val_accuracy")
+        value = self.metric(Metric.FINAL_VAL_ACCURACY)
+        return value if value is not None else self.metric(Metric.VAL_ACCURACY)
 
     @property
     def attempt(self) -> int:
         """1 for a first run, 2, 3, ... for restarts after a collapse (runs from before attempts existed: 1)."""
-        value = parse_float(self.tag("attempt"))
+        value = parse_float(self.tag(Tag.ATTEMPT))
         return int(value) if value is not None else 1
 
     @property
     def precision(self) -> str:
-        """bf16, tf32 or fp32 (the ``allconv.precision`` tag); empty for runs from before it was recorded."""
-        return self.tag("precision")
+        """bf16, tf32 or fp32 (:attr:`Tag.PRECISION`); empty for runs from before it was recorded."""
+        return self.tag(Tag.PRECISION)
 
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
@@ -73,21 +74,21 @@ def parse_float(value: str | None) -> float | None:
 
 
 def trials_by_study(runs: Iterable[RunRecord], kind: str | None = None) -> dict[tuple[str, str], list[RunRecord]]:
-    """Trial runs grouped by (experiment, study name); only studies of ``kind`` (the ``kind`` tag) when given."""
+    """Trial runs grouped by (experiment, study name); only studies of ``kind`` (:attr:`Tag.KIND`) when given."""
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for run in runs:
-        if run.tag("role") != "trial" or not run.tag("study_name"):
+        if run.tag(Tag.ROLE) != Role.TRIAL or not run.tag(Tag.STUDY_NAME):
             continue
-        if kind is not None and run.tag("kind") != kind:
+        if kind is not None and run.tag(Tag.KIND) != kind:
             continue
-        groups[(run.experiment, run.tag("study_name"))].append(run)
+        groups[(run.experiment, run.tag(Tag.STUDY_NAME))].append(run)
     return groups
 
 
 def restarted(runs: Iterable[RunRecord]) -> set[str]:
     """Ids of the runs that collapsed and were restarted as a new attempt (another run names them in its
-    ``allconv.collapse_retry_of`` tag): a trial is its last attempt."""
-    return {run.tag("collapse_retry_of") for run in runs if run.tag("collapse_retry_of")}
+    :attr:`Tag.COLLAPSE_RETRY_OF` tag): a trial is its last attempt."""
+    return {run.tag(Tag.COLLAPSE_RETRY_OF) for run in runs if run.tag(Tag.COLLAPSE_RETRY_OF)}
 
 
 def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord], list[str]]:
@@ -95,21 +96,21 @@ def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord]
 
     A named experiment that does not exist is a user error that lists the ones that do.
     """
-    uri = store.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    uri, shown = store.tracking_uri(), store.shown_uri()
+    database = stores.sqlite_path(uri)
+    if database is not None and not database.exists():
         # nothing was ever tracked here; MLflow would create an empty database just to find that out
         if experiments:
-            raise AllconvError(f"no MLflow store at {uri}: run `allconv reproduce` here first, or set "
+            raise AllconvError(f"no MLflow store at {shown}: run `allconv reproduce` here first, or set "
                                "MLFLOW_TRACKING_URI to the store that holds the runs")
         return [], []
-    mlc = store.client()
-    known = {exp.name: exp.experiment_id for exp in _pages(mlc.search_experiments, max_results=1000)}
+    known = store.experiments()
     if experiments:
         missing = [name for name in experiments if name not in known]
         if missing:
             available = ", ".join(sorted(known)) or "none"
             raise AllconvError(
-                f"no MLflow experiment {missing[0]!r} in {uri}: available are {available} "
+                f"no MLflow experiment {missing[0]!r} in {shown}: available are {available} "
                 "(omit --experiment to report on all)"
             )
         names = list(dict.fromkeys(experiments))
@@ -129,20 +130,9 @@ def load_runs(experiments: Sequence[str] | None = None) -> tuple[list[RunRecord]
             params=dict(run.data.params),
             metrics=dict(run.data.metrics),
         )
-        for run in _pages(mlc.search_runs, list(by_id), max_results=5000)
+        for run in store.all_runs(list(by_id))
     ]
     if not experiments:  # all of them: name only those that hold runs (not MLflow's empty "Default")
         names = [name for name in names if any(run.experiment == name for run in runs)]
     return runs, names
 
-
-def _pages(search: Any, *args: Any, **kwargs: Any) -> list[Any]:
-    """Every page of an MLflow search (active entities only, MLflow's default), each page read with retries."""
-    items: list[Any] = []
-    token = None
-    while True:
-        page = store.retrying(search, *args, page_token=token, **kwargs)
-        items += list(page)
-        token = page.token
-        if not token:
-            return items

@@ -13,8 +13,9 @@ from typing import Any
 
 from allconv_cli.report.runs import RunRecord, parse_float, restarted, trials_by_study
 from allconv_cli.report.table3 import rerun_command
+from allconv_cli.tracking.schema import Kind, Metric, Role, Status, Tag
 
-# Ablation studies (by their `allconv.space` tag) and the params one row of their table stands for.
+# Ablation studies (by their Tag.SPACE) and the params one row of their table stands for.
 ABLATION_SPACES: dict[str, tuple[str, ...]] = {
     "bn-dropout": ("bn", "dropout_input", "dropout_hidden"),
     "optimizer": ("optimizer", "lr"),
@@ -42,6 +43,8 @@ class StudySummary:
     final_test_error: float | None  # of the study's final retrain run (role=final), when there is one
     final_run_id: str | None
     collapsed_attempts: int = 0  # trial runs that collapsed and were restarted (each trial counts as its last)
+    done: int = 0  # trials counted as allconv search counts them: complete + pruned + failed
+    target_trials: int | None = None  # the study's --trials (None for studies from before it was recorded)
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,15 @@ class Ablation:
 def search_studies(runs: Sequence[RunRecord]) -> tuple[list[StudySummary], list[Ablation]]:
     """Every search study (role=study and not a reproduction), and the ablation tables among them."""
     parents = {
-        (r.experiment, r.tag("study_name")): r
+        (r.experiment, r.tag(Tag.STUDY_NAME)): r
         for r in runs
-        if r.tag("role") == "study" and r.tag("kind") != "reproduce" and r.tag("study_name")
+        if r.tag(Tag.ROLE) == Role.STUDY and r.tag(Tag.KIND) != Kind.REPRODUCE and r.tag(Tag.STUDY_NAME)
     }
     trials_of = trials_by_study(runs)
     finals: dict[tuple[str, str], RunRecord] = {}
     for run in runs:
-        if run.tag("role") == "final" and run.status == "finished":
-            key = (run.experiment, run.tag("study_name"))
+        if run.tag(Tag.ROLE) == Role.FINAL and run.status == Status.FINISHED:
+            key = (run.experiment, run.tag(Tag.STUDY_NAME))
             if key not in finals or run.start_time > finals[key].start_time:
                 finals[key] = run
     studies, ablations = [], []
@@ -75,28 +78,45 @@ def search_studies(runs: Sequence[RunRecord]) -> tuple[list[StudySummary], list[
         attempts = trials_of.get(key, [])
         superseded = restarted(attempts)
         trials = [r for r in attempts if r.run_id not in superseded]
-        best = _best_by_objective(trials)
-        searched = _searched_params(trials)
-        statuses = [r.status for r in trials]
-        final = finals.get(key)
-        sample = best or (trials[0] if trials else parent)
-        network = sample.tag("network") or parent.tag("network")
-        space = parent.tag("space")
-        studies.append(StudySummary(
-            name=key[1], experiment=key[0], space=space, network=network, trials=len(trials),
-            finished=statuses.count("finished"), diverged=statuses.count("diverged"), pruned=statuses.count("pruned"),
-            val_accuracy=_objective(best) if best else None,
-            test_error=best.metric("test_error") if best else None,
-            best_params={k: best.params[k] for k in searched if k in best.params} if best else {},
-            best_run_id=best.run_id if best else None,
-            rerun=rerun_command(best.params) if best else None,
-            final_test_error=final.metric("test_error") if final else None,
-            final_run_id=final.run_id if final else None,
-            collapsed_attempts=len(superseded),
-        ))
-        if space in ABLATION_SPACES and trials:
-            ablations.append(_ablation(key, space, trials))
+        studies.append(_summary(key, parent, trials, finals.get(key), len(superseded)))
+        if parent.tag(Tag.SPACE) in ABLATION_SPACES and trials:
+            ablations.append(_ablation(key, parent.tag(Tag.SPACE), trials))
     return studies, ablations
+
+
+def _summary(key: tuple[str, str], parent: RunRecord, trials: list[RunRecord], final: RunRecord | None,
+             collapsed_attempts: int) -> StudySummary:
+    best = _best_by_objective(trials)
+    searched = _searched_params(trials)
+    statuses = [r.status for r in trials]
+    sample = best or (trials[0] if trials else parent)
+    target = parse_float(parent.tag(Tag.TARGET_TRIALS))
+    return StudySummary(
+        name=key[1], experiment=key[0], space=parent.tag(Tag.SPACE),
+        network=sample.tag(Tag.NETWORK) or parent.tag(Tag.NETWORK), trials=len(trials),
+        finished=statuses.count(Status.FINISHED), diverged=statuses.count(Status.DIVERGED),
+        pruned=statuses.count(Status.PRUNED),
+        val_accuracy=_objective(best) if best else None,
+        test_error=best.metric(Metric.TEST_ERROR) if best else None,
+        best_params={k: best.params[k] for k in searched if k in best.params} if best else {},
+        best_run_id=best.run_id if best else None,
+        rerun=rerun_command(best.params) if best else None,
+        final_test_error=final.metric(Metric.TEST_ERROR) if final else None,
+        final_run_id=final.run_id if final else None,
+        collapsed_attempts=collapsed_attempts,
+        done=_done(parent, trials),
+        target_trials=None if target is None else int(target),
+    )
+
+
+def _done(parent: RunRecord, trials: Sequence[RunRecord]) -> int:
+    """Trials done as ``allconv search`` counts them (complete + pruned + failed, a re-queued failure not counted):
+    the study's own count on its parent run when it logged one, else the trial runs that ended and were not
+    retried as another trial."""
+    counts = [parent.metric(name) for name in (Metric.N_COMPLETE, Metric.N_PRUNED, Metric.N_FAILED)]
+    if all(count is not None for count in counts):
+        return int(sum(count for count in counts if count is not None))
+    return sum(r.status != Status.RUNNING and not r.tag(Tag.RETRIED_AS) for r in trials)
 
 
 def _searched_params(trials: Sequence[RunRecord]) -> list[str]:
@@ -109,13 +129,13 @@ def _searched_params(trials: Sequence[RunRecord]) -> list[str]:
 def _objective(run: RunRecord) -> float | None:
     """``allconv search`` maximises the final validation accuracy, so the report ranks its trials by the same."""
     value = run.val_accuracy
-    return value if value is not None else run.metric("best_val_accuracy")
+    return value if value is not None else run.metric(Metric.BEST_VAL_ACCURACY)
 
 
 def _best_by_objective(trials: Sequence[RunRecord]) -> RunRecord | None:
     """The trial with the best objective; finished trials first, pruned ones only when none finished."""
-    scored = [r for r in trials if r.status in ("finished", "pruned") and _objective(r) is not None]
-    finished = [r for r in scored if r.status == "finished"] or scored
+    scored = [r for r in trials if r.status in (Status.FINISHED, Status.PRUNED) and _objective(r) is not None]
+    finished = [r for r in scored if r.status == Status.FINISHED] or scored
     return max(finished, key=lambda r: _objective(r), default=None)
 
 
@@ -132,9 +152,9 @@ def _ablation(key: tuple[str, str], space: str, trials: list[RunRecord]) -> Abla
         rows.append({
             **dict(zip(columns, combo, strict=True)),
             "trials": len(group),
-            "diverged": sum(r.status == "diverged" for r in group),
+            "diverged": sum(r.status == Status.DIVERGED for r in group),
             "val_accuracy": _objective(best) if best else None,
-            "test_error": best.metric("test_error") if best else None,
+            "test_error": best.metric(Metric.TEST_ERROR) if best else None,
             "run_id": best.run_id if best else None,
         })
     return Ablation(study=key[1], experiment=key[0], space=space, title=ABLATION_TITLES[space],

@@ -19,6 +19,7 @@ from allconv_cli.config import TrainConfig
 from allconv_cli.errors import AllconvError
 from allconv_cli.paper import PROTOCOLS, TABLE3
 from allconv_cli.report.runs import RunRecord, parse_float, trials_by_study
+from allconv_cli.tracking.schema import OLD_KILLED, Kind, Metric, Role, Status, Tag
 
 PROTOCOL_SELECTION = {
     "paper": "lowest test error (selected on the test set, as the paper did)",
@@ -102,7 +103,7 @@ class ProtocolResult:
     def ours_from(self) -> str:
         """Which run ``ours`` is: ``final`` (validated, retrained on all training images) or ``selection``."""
         final = self.final
-        return "final" if final is not None and final.status == "finished" and final.test_error is not None \
+        return "final" if final is not None and final.status == Status.FINISHED and final.test_error is not None \
             else "selection"
 
     @property
@@ -147,9 +148,9 @@ def select_run(trials: Sequence[RunRecord], protocol: str) -> RunRecord | None:
     ``paper``: lowest test error. ``validated``: highest final validation accuracy; the test error is not looked at
     (ties go to the earlier run in the lr grid order, never to the better test error).
     """
-    candidates = [r for r in trials if r.status == "finished" and r.metric("test_error") is not None]
+    candidates = [r for r in trials if r.status == Status.FINISHED and r.metric(Metric.TEST_ERROR) is not None]
     if protocol == "paper":
-        return min(candidates, key=lambda r: r.metric("test_error"), default=None)
+        return min(candidates, key=lambda r: r.metric(Metric.TEST_ERROR), default=None)
     if protocol != "validated":
         raise AllconvError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     with_val = [r for r in candidates if r.val_accuracy is not None]
@@ -180,7 +181,7 @@ def _by_lr(runs: list[RunRecord]) -> dict[float | None, list[RunRecord]]:
 def _latest(group: list[RunRecord]) -> RunRecord:
     """The run that stands for a group: a finished one when there is one, else the latest (a trial retried after a
     lost worker, or restarted after a collapse, leaves several; the last attempt is the latest)."""
-    finished = [r for r in group if r.status == "finished"]
+    finished = [r for r in group if r.status == Status.FINISHED]
     return max(finished or group, key=lambda r: r.start_time)
 
 
@@ -191,21 +192,21 @@ def _representatives(trials: list[RunRecord]) -> list[RunRecord]:
 
 
 def _collapsed(group: list[RunRecord]) -> int:
-    return sum(r.status == "collapsed" for r in group)
+    return sum(r.status == Status.COLLAPSED for r in group)
 
 
 def _final_run(finals: list[RunRecord], chosen: RunRecord | None, paper_error: float) -> FinalRun | None:
     """The study's final run (role=final) that retrained ``chosen``: the finished one, else its latest attempt."""
-    mine = [r for r in finals if chosen is not None and r.tag("source_run") in ("", chosen.run_id)]
+    mine = [r for r in finals if chosen is not None and r.tag(Tag.SOURCE_RUN) in ("", chosen.run_id)]
     if not mine:
         return None
     run = _latest(mine)
-    test_error = run.metric("test_error") if run.status == "finished" else None
+    test_error = run.metric(Metric.TEST_ERROR) if run.status == Status.FINISHED else None
     return FinalRun(
         run_id=run.run_id, status=run.status, test_error=test_error,
         diff=None if test_error is None else test_error - paper_error, lr=run.lr,
-        source_run=run.tag("source_run"), attempt=run.attempt, collapsed_attempts=_collapsed(mine),
-        dead_classes=run.tag("dead_classes"), deviations=deviations(run.params, run.precision),
+        source_run=run.tag(Tag.SOURCE_RUN), attempt=run.attempt, collapsed_attempts=_collapsed(mine),
+        dead_classes=run.tag(Tag.DEAD_CLASSES), deviations=deviations(run.params, run.precision),
         rerun=rerun_command(run.params),
     )
 
@@ -223,9 +224,9 @@ def _protocol_result(protocol: str, studies: list[Study], parents: dict[tuple[st
     reps = _representatives(trials)
     chosen = select_run(reps, protocol)
     parent = parents.get((experiment, study_name))
-    grid = [v for v in (parent.tag("lrs") if parent else "").split(",") if v]
+    grid = [v for v in (parent.tag(Tag.LRS) if parent else "").split(",") if v]
     statuses = [r.status for r in reps]
-    test_error = chosen.metric("test_error") if chosen else None
+    test_error = chosen.metric(Metric.TEST_ERROR) if chosen else None
     sample = chosen or reps[0]
     epochs = parse_float(sample.params.get("epochs"))
     final = _final_run(finals.get((experiment, study_name), []), chosen, paper_error) \
@@ -243,18 +244,18 @@ def _protocol_result(protocol: str, studies: list[Study], parents: dict[tuple[st
         run_id=chosen.run_id if chosen else None,
         rerun=rerun_command(chosen.params) if chosen else None,
         lrs_total=max(len(grid), len(reps)),
-        finished=statuses.count("finished"),
-        diverged=statuses.count("diverged"),
-        failed=sum(s in ("failed", "interrupted", "killed") for s in statuses),
-        running=statuses.count("running"),
+        finished=statuses.count(Status.FINISHED),
+        diverged=statuses.count(Status.DIVERGED),
+        failed=sum(s in (Status.FAILED, Status.INTERRUPTED, OLD_KILLED) for s in statuses),
+        running=statuses.count(Status.RUNNING),
         epochs=None if epochs is None else int(epochs),
         deviations=tuple(dict.fromkeys(found)),
-        per_lr=tuple(LrOutcome(r.lr, r.status, r.metric("test_error"), r.val_accuracy, r.run_id, r.attempt,
-                               _collapsed(by_lr[r.lr]), r.tag("dead_classes")) for r in reps),
+        per_lr=tuple(LrOutcome(r.lr, r.status, r.metric(Metric.TEST_ERROR), r.val_accuracy, r.run_id, r.attempt,
+                               _collapsed(by_lr[r.lr]), r.tag(Tag.DEAD_CLASSES)) for r in reps),
         other_studies=len(studies) - 1,
-        collapsed=statuses.count("collapsed"),
+        collapsed=statuses.count(Status.COLLAPSED),
         collapsed_attempts=_collapsed(trials),
-        dead_classes=chosen.tag("dead_classes") if chosen else "",
+        dead_classes=chosen.tag(Tag.DEAD_CLASSES) if chosen else "",
         final=final,
     )
 
@@ -265,21 +266,21 @@ def table3(runs: Sequence[RunRecord], param_counts: dict[tuple[str, str], int]) 
     ``param_counts``: (base, branch) -> exact parameter count (:func:`exact_params`).
     """
     parents = {
-        (r.experiment, r.tag("study_name")): r
+        (r.experiment, r.tag(Tag.STUDY_NAME)): r
         for r in runs
-        if r.tag("role") == "study" and r.tag("kind") == "reproduce"
+        if r.tag(Tag.ROLE) == Role.STUDY and r.tag(Tag.KIND) == Kind.REPRODUCE
     }
     finals: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in runs:
-        if r.tag("role") == "final" and (r.experiment, r.tag("study_name")) in parents:
-            finals[(r.experiment, r.tag("study_name"))].append(r)
+        if r.tag(Tag.ROLE) == Role.FINAL and (r.experiment, r.tag(Tag.STUDY_NAME)) in parents:
+            finals[(r.experiment, r.tag(Tag.STUDY_NAME))].append(r)
     buckets: dict[tuple[str, str, str], list[Study]] = defaultdict(list)
-    for key, trials in trials_by_study(runs, "reproduce").items():
+    for key, trials in trials_by_study(runs, Kind.REPRODUCE).items():
         first = trials[0]
         parent = parents.get(key)
-        protocol = first.tag("protocol") or (parent.tag("protocol") if parent else "")
+        protocol = first.tag(Tag.PROTOCOL) or (parent.tag(Tag.PROTOCOL) if parent else "")
         if protocol in PROTOCOLS:
-            buckets[(first.tag("model").upper(), first.tag("branch"), protocol)].append((key, trials))
+            buckets[(first.tag(Tag.MODEL).upper(), first.tag(Tag.BRANCH), protocol)].append((key, trials))
     rows = []
     for (base, branch), entry in TABLE3.items():
         results = {

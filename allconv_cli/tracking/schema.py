@@ -92,6 +92,15 @@ class Role(StrEnum):
     FINAL = "final"
 
 
+class Kind(StrEnum):
+    """Values of :attr:`Tag.KIND`."""
+
+    REPRODUCE = "reproduce"
+
+
+OLD_KILLED = "killed"  # the status tag of runs killed before Status existed (read as interrupted)
+
+
 class Metric:
     """MLflow metric names. The per-epoch ones are the fields of ``engine.EpochMetrics`` (a test checks it)."""
 
