@@ -188,7 +188,7 @@ class TrainConfig:
     def data_config(self) -> DataConfig:
         """The data part of the run: the fields it shares with :class:`DataConfig`. ``$ALLCONV_FAKE_SIZES=TRAIN,TEST``
         resizes ``--dataset fake`` (tests, smoke runs); the sizes enter the data fingerprint, so runs record them in
-        their ``allconv.data_hash`` tag."""
+        their data-hash tag (``Tag.DATA_HASH``)."""
         sizes = {}
         raw = os.environ.get(ENV_FAKE_SIZES)
         if raw and self.dataset == "fake":
