@@ -78,7 +78,7 @@ def load_bundle(path: Path) -> tuple[torch.nn.Module, Preprocessor, list[str]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     network = build_model(TrainConfig.from_dict(state["config"]), state["num_classes"])
     network.load_state_dict(state["state_dict"])
-    pre = Preprocessor(**state["preprocessor"]) if state["preprocessor"] else Preprocessor(kind="none")
+    pre = Preprocessor.from_fields(state["preprocessor"]) if state["preprocessor"] else Preprocessor(kind="none")
     return network.eval(), pre, list(state["classes"])
 
 

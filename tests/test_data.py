@@ -328,7 +328,7 @@ def test_gcn_variants_are_keyed_apart_and_rebuild_from_their_fields(tmp_path: Pa
 
     w, mean, raw = torch.eye(3072), torch.zeros(3072), make_fake(10, 10, 0)[0]
     current = preprocess.Preprocessor("gcn-zca", mean=mean, whitening=w, epsilon=0.1)
-    again = preprocess.Preprocessor(**{f.name: getattr(current, f.name) for f in dataclasses.fields(current)})
+    again = preprocess.Preprocessor.from_fields({f.name: getattr(current, f.name) for f in dataclasses.fields(current)})
     coates = preprocess.Preprocessor("gcn-zca-coates", mean=mean, whitening=w, epsilon=0.1)
     assert again.kind == "gcn-zca" and torch.equal(again.apply(raw), current.apply(raw))
     assert not torch.allclose(coates.apply(raw), again.apply(raw))

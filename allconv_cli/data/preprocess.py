@@ -18,6 +18,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class Preprocessor:
 
     ``gcn-zca`` and ``gcn-zca-coates`` (:data:`ZCA_KINDS`): ``mean`` (3072,) and ``whitening`` (3072, 3072) act on
     images flattened in CHW order after that kind's GCN (:data:`GCN`). ``standardize``: ``mean`` and ``std`` (3,) per
-    channel on the 0..1 scale. ``none``: x / 255. A logged model's bundle stores the fields and rebuilds it from them.
+    channel on the 0..1 scale. ``none``: x / 255.
     """
 
     kind: str
@@ -83,6 +84,11 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         check("preprocess", self.kind)
+
+    @classmethod
+    def from_fields(cls, saved: dict[str, Any]) -> Preprocessor:
+        """Rebuild one from its saved fields (a logged model's bundle holds them as plain tensors)."""
+        return cls(**saved)
 
     def apply(self, images: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
         """Transform uint8 (N, 32, 32, 3) images; the maths run on ``device`` (default CPU), the result is on the CPU.
