@@ -1,17 +1,20 @@
-"""The twelve networks of Tables 1 and 2 as a declarative layer table, and their exact parameter counts (torch-free).
+"""The twelve networks of Tables 1 and 2 as a declarative layer table, their names and exact parameter counts
+(torch-free).
 
 ``BASE_LAYERS`` holds the three bases as layer tokens and ``layer_plan`` applies a branch to a base; :mod:`.models`
 builds modules from the plan, and :func:`param_count` counts the same plan's parameters arithmetically, so the report
-can state every network's exact size without importing torch.
+can state every network's exact size, and ``allconv models`` read a name, without importing torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
+from allconv_cli.config import check
 from allconv_cli.errors import AllconvError
-from allconv_cli.paper import BASES, BRANCHES, registry_name
+from allconv_cli.paper import BASES, BRANCHES, TABLE3, registry_name
 
 # Table 1: one token per layer. "convK-C" is a KxK conv with C output channels, "same" padded; "pool" is the
 # 3x3 max-pool with stride 2 that the branches rewrite.
@@ -55,10 +58,8 @@ def conv_spec(token: str) -> LayerSpec:
 def layer_plan(base: str, branch: str) -> list[LayerSpec]:
     """The layers of network ``base`` (A, B, C) in variant ``branch``, as Table 2 describes them."""
     base = base.upper()
-    if base not in BASES:
-        raise AllconvError(f"unknown model base {base!r}: choose one of {', '.join(BASES)}")
-    if branch not in BRANCHES:
-        raise AllconvError(f"unknown branch {branch!r}: choose one of {', '.join(BRANCHES)}")
+    check("model", base)
+    check("branch", branch)
     plan = [LayerSpec("dropout", dropout="input")]
     for token in BASE_LAYERS[base]:
         if token != "pool":
@@ -79,6 +80,20 @@ def layer_plan(base: str, branch: str) -> list[LayerSpec]:
     return plan
 
 
+def parse_name(name: str) -> tuple[str, str]:
+    """``(base, branch)`` of a network named as the registry does (``allconv_c_allcnn``, ``C/allcnn``, ``c-allcnn``)
+    or as the paper does (``All-CNN-C``, ``Model A``, ``ConvPool-CNN-B``), in any case."""
+    wanted = " ".join(name.lower().split())
+    for key, entry in TABLE3.items():
+        if wanted == entry.display_name.lower():
+            return key
+    base, _, branch = wanted.removeprefix("allconv_").replace("/", "_").replace("-", "_").partition("_")
+    if (base.upper(), branch) in ARCHITECTURES:
+        return base.upper(), branch
+    raise AllconvError(f"unknown network {name!r}: use a registry name ({', '.join(ARCHITECTURES.values())}) or a "
+                       f"paper name ({', '.join(entry.display_name for entry in TABLE3.values())})")
+
+
 def param_count(base: str, branch: str, num_classes: int = 10, bn: bool = False, in_chans: int = 3) -> int:
     """Exact trainable parameters of network ``base``/``branch`` as :func:`allconv_cli.models.build` makes it: per
     conv, C_in x C_out x K x K weights plus C_out biases, or, with ``bn``, no bias and BatchNorm's C_out scales and
@@ -93,3 +108,17 @@ def param_count(base: str, branch: str, num_classes: int = 10, bn: bool = False,
         total += channels * out * spec.kernel * spec.kernel + (2 * out if bn else out)
         channels = out
     return total
+
+
+def describe(base: str, branch: str, num_classes: int = 10) -> dict[str, Any]:
+    """One row of ``allconv models``: our exact parameter count next to the paper's printed figures."""
+    entry = TABLE3[(base, branch)]
+    return {
+        "name": registry_name(base, branch),
+        "base": base,
+        "branch": branch,
+        "display_name": entry.display_name,
+        "params": param_count(base, branch, num_classes),
+        "paper_params": entry.params_printed,
+        "paper_error": entry.error,
+    }

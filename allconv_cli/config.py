@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +54,13 @@ class Spec:
         return self.group == "execution"
 
     def bounds_text(self) -> str:
-        """``> 0``, ``>= 1`` or ``in [0, 1)``: how the allowed range reads in a message."""
+        """``> 0``, ``>= 1`` or ``in [0, 4294967295]``: how the allowed range reads in a message."""
+        low, high = _number_text(self.low), _number_text(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
     def check(self, name: str, value: Any) -> str | None:
         """None if ``value`` is allowed, else the one-line message naming it and the allowed values."""
@@ -75,6 +77,13 @@ class Spec:
         if too_low or too_high:
             return f"{name}={value}: must be {self.bounds_text()}"
         return None
+
+
+def _number_text(value: float | None) -> str:
+    """A bound as a person types it: whole numbers in full (``4294967295``, not ``4.29497e+09``), others by ``:g``."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _field(default: Any, help: str, group: str, **spec: Any) -> Any:
@@ -95,11 +104,8 @@ class TrainConfig:
     dropout_hidden: float = _field(paper.DROPOUT_HIDDEN, "Dropout after each pooling layer (or its replacement).",
                                    "network", low=0, high=1, high_open=True)
     init: str = _field(
-        "xavier", "Weight initialisation; the paper states none. xavier (our choice): PyTorch's fan-average Xavier "
-        "uniform; xavier-caffe: Caffe's fan-in 'xavier', U(+-sqrt(3/fan_in)), as the Caffe All-CNN-C recipe; "
-        "gaussian: N(0, --init-std) weights and biases, as the neon/TensorFlow port; kaiming: He normal; torch: "
-        "PyTorch's default. Biases 0 unless gaussian/torch. xavier is kept until a longer check: at lr 0.05 all lose "
-        "class channels early (50 steps, 3 seeds: xavier 0-5 of 10 left, xavier-caffe 5-9, gaussian 3-7).",
+        "xavier", "Weight initialisation (the paper states none): xavier (PyTorch's Xavier uniform), xavier-caffe "
+        "(Caffe's fan-in 'xavier'), gaussian (N(0, --init-std)), kaiming (He normal) or torch (PyTorch's default).",
         "network", choices=INITS)
     init_std: float = _field(0.05, "Std of --init gaussian.", "network", low=0, low_open=True)
     head_relu: bool = _field(True, "ReLU on the class scores before the global average, as in the paper's table.",
@@ -134,9 +140,8 @@ class TrainConfig:
         None, "Test on a stratified N-image part of the test set (quick runs) [default: all of it].", "data", low=1,
         sampleable=False)
     preprocess: str = _field(
-        "gcn-zca", "Fitted on the training part. gcn-zca: the paper's data, as pylearn2 made it (each image centred "
-        "and scaled to L2 norm 55, then ZCA with filter bias 0.1); gcn-zca-coates: Coates et al.'s GCN "
-        "((x - mean) / sqrt(10 + var)), then the same ZCA; standardize: per-channel mean/std; none: x / 255.",
+        "gcn-zca", "Input preprocessing, fitted on the training part: gcn-zca (the paper's GCN + ZCA, as pylearn2 made "
+        "it), gcn-zca-coates (Coates' GCN, then ZCA), standardize (per channel) or none (x / 255).",
         "data", choices=PREPROCESSINGS)
     seed: int = _field(0, "Seed of the split, the init, dropout and batch order.", "data", low=0, high=SEED_MAX)
     # execution
@@ -180,11 +185,10 @@ class TrainConfig:
     def registry_name(self) -> str:
         return paper.registry_name(self.model, self.branch)
 
-    def data_config(self):  # -> DataConfig; imported lazily because data pulls in torch
-        """The data part of the run. ``$ALLCONV_FAKE_SIZES=TRAIN,TEST`` resizes ``--dataset fake`` (tests, smoke
-        runs); the sizes enter the data fingerprint, so runs record them in their ``allconv.data_hash`` tag."""
-        from allconv_cli.data import DataConfig
-
+    def data_config(self) -> DataConfig:
+        """The data part of the run: the fields it shares with :class:`DataConfig`. ``$ALLCONV_FAKE_SIZES=TRAIN,TEST``
+        resizes ``--dataset fake`` (tests, smoke runs); the sizes enter the data fingerprint, so runs record them in
+        their data-hash tag (``Tag.DATA_HASH``)."""
         sizes = {}
         raw = os.environ.get(ENV_FAKE_SIZES)
         if raw and self.dataset == "fake":
@@ -193,16 +197,7 @@ class TrainConfig:
             except ValueError:
                 raise AllconvError(f"${ENV_FAKE_SIZES}={raw!r}: give TRAIN,TEST image counts, e.g. 400,100") from None
             sizes = {"fake_train_size": train, "fake_test_size": test}
-        return DataConfig(
-            dataset=self.dataset,
-            data_dir=self.data_dir,
-            subset=self.subset,
-            val_size=self.val_size,
-            test_size=self.test_size,
-            preprocess=self.preprocess,
-            seed=self.seed,
-            **sizes,
-        )
+        return DataConfig(**{name: getattr(self, name) for name in DATA_CONFIG_FIELDS}, **sizes)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -217,7 +212,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
         unknown = set(data) - set(FIELD_NAMES)
         if unknown:
             raise AllconvError(f"unknown config keys {sorted(unknown)}: allowed are {sorted(FIELD_NAMES)}")
@@ -227,22 +221,18 @@ class TrainConfig:
     def from_params(cls, params: dict[str, str]) -> TrainConfig:
         """Rebuild a config from MLflow params (the inverse of :meth:`to_params`)."""
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in params:
-                continue
-            raw, kind = params[f.name], str(f.type)
+        for name, raw in params.items():
+            if name not in FIELDS:
+                continue  # lr_milestones and other derived params
+            base, _ = field_type(name)
             if raw == "None":
-                kwargs[f.name] = None
-            elif kind.startswith("tuple"):
-                kwargs[f.name] = json.loads(raw)
-            elif kind == "bool":
-                kwargs[f.name] = raw == "True"
-            elif kind.startswith("int"):
-                kwargs[f.name] = int(raw)
-            elif kind.startswith("float"):
-                kwargs[f.name] = float(raw)
+                kwargs[name] = None
+            elif base is tuple:
+                kwargs[name] = json.loads(raw)
+            elif base is bool:
+                kwargs[name] = raw == "True"
             else:
-                kwargs[f.name] = raw
+                kwargs[name] = base(raw)  # int, float or str
         return cls(**kwargs)
 
     def command_line(self) -> str:
@@ -262,11 +252,29 @@ class TrainConfig:
         return shlex.join(args)
 
 
-# Fields of earlier versions, accepted (and dropped) when reading stored configs so old studies still resume.
-RETIRED_FIELDS = frozenset({"extra"})
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_NAMES: tuple[str, ...] = tuple(FIELDS)
-FIELD_TYPES: dict[str, str] = {name: str(f.type) for name, f in FIELDS.items()}
+_HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """``(base type, None allowed)`` of field ``name`` from its real type hint: ``int | None`` -> ``(int, True)``,
+    ``tuple[int, ...] | None`` -> ``(tuple, True)``, ``float`` -> ``(float, False)``."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = (a for a in args if a is not type(None))
+    return typing.get_origin(hint) or hint, optional
+
+
+def _type_text(name: str) -> str:
+    hint = _HINTS[name]
+    return str(hint) if typing.get_args(hint) else hint.__name__
+
+
+# How each field's type reads in a message ("int | None", "tuple[int, ...] | None"), from the real type hints.
+FIELD_TYPES: dict[str, str] = {name: _type_text(name) for name in FIELD_NAMES}
 
 
 def spec(name: str) -> Spec:
@@ -275,6 +283,14 @@ def spec(name: str) -> Spec:
 
 def default(name: str) -> Any:
     return FIELDS[name].default
+
+
+def check(name: str, value: Any) -> None:
+    """Raise the one-line :class:`AllconvError` if ``value`` is not allowed for field ``name``: the one place where
+    choices and ranges are checked, for a TrainConfig and for the library calls that take the same values."""
+    message = spec(name).check(name, value)
+    if message:
+        raise AllconvError(message)
 
 
 def option_flag(name: str) -> str:
@@ -291,3 +307,34 @@ EXECUTION_FIELDS = fields_where(group="execution")  # never part of a study's id
 SAMPLEABLE = fields_where(sampleable=True, execution=False)
 # Fields that change the data a trial sees: when a space samples one, each trial loads its own dataset.
 DATA_FIELDS = tuple(n for n in fields_where(group="data") if spec(n).sampleable)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, split how, preprocessed how, and where to find and cache them: what :mod:`allconv_cli.data`
+    loads. The fields it shares with :class:`TrainConfig` take their defaults and checks from TrainConfig's field
+    metadata, written once above; the others are for library callers and tests (hashable, so a worker can key its
+    loaded dataset by it)."""
+
+    dataset: str = default("dataset")
+    data_dir: str | None = default("data_dir")  # None: $ALLCONV_DATA_DIR, else ~/.cache/allconv/data
+    subset: int | None = default("subset")
+    val_size: int = default("val_size")
+    test_size: int | None = default("test_size")
+    preprocess: str = default("preprocess")
+    seed: int = default("seed")
+    fake_train_size: int = 10000  # the synthetic dataset's sizes (room for the default 5,000-image val split)
+    fake_test_size: int = 1000
+    zca_epsilon: float = paper.ZCA_EPSILON
+    download: bool = True  # into the default cache folder only
+    cache_dir: str | None = None  # None: $ALLCONV_CACHE_DIR, else ~/.cache/allconv; fitted ZCA in <dir>/preprocess
+    use_cache: bool = True  # reuse and store the fitted GCN + ZCA transform on disk
+
+    def __post_init__(self) -> None:
+        """The names are checked here; the sizes against the data they pick from (:mod:`allconv_cli.data.splits`)."""
+        for name in ("dataset", "preprocess"):
+            check(name, getattr(self, name))
+
+
+# The fields a run's DataConfig takes from its TrainConfig.
+DATA_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name in FIELDS)

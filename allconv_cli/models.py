@@ -1,35 +1,24 @@
-"""The paper's twelve CIFAR networks, generated from one declarative table.
+"""The paper's twelve CIFAR networks as timm models, built from the layer table in :mod:`.architectures`.
 
-Tables 1 and 2 of the paper describe three base networks (A, B, C) and four ways of treating their two pooling
-layers (the "branches"). The torch-free :mod:`.architectures` holds them as a layer table (``BASE_LAYERS``,
-``layer_plan``), and ``build`` turns a plan into modules: every layer is its own module object, so no weights are
-shared by accident (one of the 2020 reproduction's bugs). The nets speak timm's model API
-(forward_features/forward_head, reset_classifier, feature_info, pretrained_cfg), so
-``timm.create_model("allconv_c_allcnn")`` gives what timm users expect; timm itself is imported only by
-:func:`register_timm`.
+Cut like timm's ``models/vgg.py``: a declarative table (torch-free, so the report can count parameters without
+torch) says what each network is; :class:`AllConvNet` builds it into ``features`` and ``head``, every layer its own
+module object (no weights shared by accident, one of the 2020 reproduction's bugs); timm's model API reads off those
+two; one plain entry point per network at the end. :func:`register_timm` hands the entry points to timm when timm is
+imported (:mod:`._timm_hook`), so training, which builds nets with :func:`build`, never imports timm.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies ``forward``'s annotations into the code it
+# generates, and a string annotation ("torch.Tensor") comes out as a name TorchScript cannot resolve.
 from collections import OrderedDict
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from allconv_cli.architectures import (  # noqa: F401  (the layer table, re-exported: models.layer_plan etc.)
-    ARCHITECTURES,
-    BASE_LAYERS,
-    CLASSIFIER,
-    LayerSpec,
-    layer_plan,
-    param_count,
-)
-from allconv_cli.config import INITS
+from allconv_cli import config
+from allconv_cli.architectures import ARCHITECTURES, LayerSpec, layer_plan
 from allconv_cli.errors import AllconvError
-from allconv_cli.paper import BASES, BRANCHES, TABLE3, registry_name
+from allconv_cli.paper import TABLE3, registry_name
 
 
 class ConvBlock(nn.Module):
@@ -52,93 +41,33 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-class AllConvNet(nn.Module):
-    """One of the twelve networks; built by :func:`build`, layers named conv1, pool1, drop1, ... in order.
+class ClassifierHead(nn.Module):
+    """The paper's head: a conv to the classes (1x1, with the net's BatchNorm choice and an optional ReLU), then the
+    global average. timm's conventions: ``fc`` is ``nn.Identity`` for ``num_classes`` 0 and ``global_pool`` for
+    pool type ``""`` (no pooling)."""
 
-    In timm's terms the features are everything before the last conv (192 x 6 x 6 for a 32 x 32 input), the
-    classifier is that 1x1 conv to the classes (with its optional BN and ReLU), and the pooling is the global average
-    that follows it, as in the paper. All of them stay in ``layers``, so state-dict keys do not depend on the API.
-    """
-
-    def __init__(self, layers: OrderedDict[str, nn.Module], name: str, num_classes: int, *,
-                 head_options: dict[str, bool], init: tuple[str, float], in_chans: int = 3,
-                 global_pool: str = "avg") -> None:
+    def __init__(self, in_chs: int, num_classes: int, *, kernel: int, bn: bool, relu: bool, pool_type: str = "avg"
+                 ) -> None:
         super().__init__()
-        self.layers = nn.Sequential(layers)
-        self.name = name
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self._head_options = head_options  # bn and relu of a new head (reset_classifier)
-        self._init = init  # (scheme, std) the net is initialised with
-        self._read_layout()
+        self.in_chs, self.kernel, self.use_bn, self.use_relu = in_chs, kernel, bn, relu
+        self.fc = self._classifier(num_classes)
+        self.global_pool = _global_pool(pool_type)
 
-    def _read_layout(self) -> None:
-        """Find timm's pieces in ``layers``, from the modules themselves: the classifier (the layer before ``gap``),
-        the channels it sees, and the feature taps (each pooling stage's output, then the features)."""
-        names = [name for name, _ in self.layers.named_children()]
-        self._head_index = names.index("gap") - 1
-        self.head_name = names[self._head_index]
-        channels, reduction, last, info = self.in_chans, 1, "", []
-        for name, layer in list(self.layers.named_children())[: self._head_index]:
-            if isinstance(layer, ConvBlock):
-                channels, reduction, last = layer.conv.out_channels, reduction * layer.conv.stride[0], name
-            elif isinstance(layer, nn.MaxPool2d):
-                reduction, last = reduction * layer.stride, name
-            elif isinstance(layer, nn.Dropout) and last:  # the dropout after a pooling stage, not the input's
-                info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
-        info.append({"num_chs": channels, "reduction": reduction, "module": f"layers.{last}"})
-        self.num_features = self.head_hidden_size = channels
-        self.feature_info = info
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes < 2 and num_classes != 0:
+            raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more (0 for no classifier)")
+        if not num_classes:
+            return nn.Identity()
+        return ConvBlock(self.in_chs, num_classes, self.kernel, 1, True, self.use_bn, self.use_relu)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Nets pickled before they spoke timm's API (models logged to MLflow by earlier versions) still load."""
-        super().__setstate__(state)
-        if "head_name" not in state:
-            head = self.layers[-2]
-            self.in_chans = self.layers.conv1.conv.in_channels
-            self.global_pool = "avg"
-            self._head_options = {"bn": isinstance(head.bn, nn.BatchNorm2d), "relu": isinstance(head.relu, nn.ReLU)}
-            self._init = ("xavier", 0.05)  # not recorded then; the default
-            self._read_layout()
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """A new (default-initialised) classifier for ``num_classes``, and a new pooling if ``pool_type`` is given."""
+        self.fc = self._classifier(num_classes)
+        if pool_type is not None:
+            self.global_pool = _global_pool(pool_type)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The unpooled feature map the classifier sees: (N, num_features, 6, 6) for 32 x 32 inputs."""
-        for index, layer in enumerate(self.layers):
-            if index == self._head_index:
-                break
-            x = layer(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Classifier then global average (the paper's order); ``pre_logits``: the pooled features instead."""
-        if pre_logits:
-            return self.layers.gap(x)
-        return self.layers.gap(self.get_classifier()(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return getattr(self.layers, self.head_name)
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new, freshly initialised classifier for ``num_classes`` (0: none, ``forward`` returns the pooled
-        features); ``global_pool`` ``avg`` or ``""`` (no pooling: ``forward`` returns maps)."""
-        _check_num_classes(num_classes)
-        if global_pool is not None:
-            self.layers.gap = _global_pool(global_pool)
-            self.global_pool = global_pool
-        reference = next(self.parameters())
-        head = _classifier(self.num_features, num_classes, **self._head_options)
-        _init_weights(head, *self._init)
-        setattr(self.layers, self.head_name, head.to(device=reference.device, dtype=reference.dtype))
-        self.num_classes = num_classes
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if num_classes < 2 and num_classes != 0:
-        raise AllconvError(f"num_classes={num_classes} is too small: use 2 or more (0 for no classifier)")
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.global_pool(x if pre_logits else self.fc(x))
 
 
 def _global_pool(kind: str) -> nn.Module:
@@ -147,14 +76,36 @@ def _global_pool(kind: str) -> nn.Module:
     return GlobalAvgPool() if kind == "avg" else nn.Identity()
 
 
-def _classifier(cin: int, num_classes: int, *, bn: bool, relu: bool) -> nn.Module:
-    """The 1x1 conv to the classes, or ``nn.Identity`` for ``num_classes`` 0."""
-    return ConvBlock(cin, num_classes, 1, 1, True, bn, relu) if num_classes else nn.Identity()
+def _features(plan: list[LayerSpec], in_chans: int, bn: bool, dropout_input: float, dropout_hidden: float
+              ) -> tuple[nn.Sequential, list[dict[str, Any]], int]:
+    """``features`` from the plan's layers before the classifier, named drop0, conv1, pool1, drop1, ... in order;
+    timm's feature taps (each pooling stage's output, where its dropout follows, then the final features); channels."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    info: list[dict[str, Any]] = []
+    channels, reduction, convs, pools, drops, last = in_chans, 1, 0, 0, 0, ""
+    for spec in plan:
+        if spec.kind == "conv":
+            convs += 1
+            last = f"conv{convs}"
+            layers[last] = ConvBlock(channels, spec.out, spec.kernel, spec.stride, spec.padded, bn, True)
+            channels, reduction = spec.out, reduction * spec.stride
+        elif spec.kind == "pool":
+            pools += 1
+            last = f"pool{pools}"
+            layers[last] = nn.MaxPool2d(spec.kernel, stride=spec.stride, padding=spec.kernel // 2)
+            reduction *= spec.stride
+        else:  # dropout: on the input images (drop0), then after each pooling stage
+            if spec.dropout == "hidden":
+                info.append({"num_chs": channels, "reduction": reduction, "module": f"features.{last}"})
+            layers[f"drop{drops}"] = nn.Dropout(dropout_input if spec.dropout == "input" else dropout_hidden)
+            drops += 1
+    info.append({"num_chs": channels, "reduction": reduction, "module": f"features.{last}"})
+    return nn.Sequential(layers), info, channels
 
 
-def _init_weights(model: nn.Module, init: str, std: float) -> None:
-    """Initialise every conv of ``model`` by scheme ``init`` (the paper states none; config.py's ``init`` help says
-    which is ours and why). With fan_in = C_in K K and fan_out = C_out K K:
+def init_weights(model: nn.Module, init: str, std: float) -> None:
+    """Initialise every conv of ``model`` by scheme ``init`` (the paper states none; docs/protocol.md says which is
+    ours and why). With fan_in = C_in K K and fan_out = C_out K K:
 
     - ``xavier``: PyTorch's Xavier/Glorot uniform, fan average: U(+-sqrt(6 / (fan_in + fan_out))); biases 0.
     - ``xavier-caffe``: Caffe's "xavier" filler (its default variance_norm FAN_IN), the Caffe All-CNN recipe's:
@@ -163,8 +114,7 @@ def _init_weights(model: nn.Module, init: str, std: float) -> None:
     - ``kaiming``: He normal for ReLU, N(0, 2 / fan_in); biases 0.
     - ``torch``: PyTorch's default (U(+-1 / sqrt(fan_in)) for weights and biases), left as built.
     """
-    if init not in INITS:
-        raise AllconvError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+    config.check("init", init)
     if init == "torch":
         return
     for module in model.modules():
@@ -186,65 +136,125 @@ def _init_weights(model: nn.Module, init: str, std: float) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build(
-    base: str,
-    branch: str,
-    *,
-    num_classes: int = 10,
-    bn: bool = False,
-    dropout_input: float = 0.2,
-    dropout_hidden: float = 0.5,
-    init: str = "xavier",
-    init_std: float = 0.05,
-    head_relu: bool = True,
-    in_chans: int = 3,
-    global_pool: str = "avg",
-) -> AllConvNet:
-    """Build network ``base``/``branch``; defaults are the paper's (dropout 20% input, 50% after each pooling stage).
+class AllConvNet(nn.Module):
+    """Network ``base`` (A, B, C) in variant ``branch`` (Table 2); the defaults are TrainConfig's (the paper's
+    dropout: 20% on the input, 50% after each pooling stage). In timm's terms ``features`` is every layer before the
+    classifier (192 x 6 x 6 for a 32 x 32 input) and ``head`` the 1x1 conv to the classes with the global average
+    after it, in the paper's order. ``drop_rate`` is timm's name for ``dropout_hidden`` and wins when given;
+    ``num_classes`` 0 leaves the classifier out (the net returns its pooled features)."""
 
-    ``num_classes`` 0 leaves out the classifier (timm's convention: the net then returns its pooled features).
-    """
-    for name, rate in (("dropout_input", dropout_input), ("dropout_hidden", dropout_hidden)):
-        if not 0.0 <= rate < 1.0:
-            raise AllconvError(f"{name}={rate} is out of range: use a probability in [0, 1)")
-    _check_num_classes(num_classes)
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    counts = {"conv": 0, "pool": 0, "dropout": 0}
-    channels = in_chans
-    for spec in layer_plan(base, branch):
-        if spec.kind == "conv":
-            counts["conv"] += 1
-            name = f"conv{counts['conv']}"
-            if spec.head:
-                layers[name] = _classifier(channels, num_classes, bn=bn, relu=head_relu)
-            else:
-                layers[name] = ConvBlock(channels, spec.out, spec.kernel, spec.stride, spec.padded, bn, True)
-                channels = spec.out
-        elif spec.kind == "pool":
-            counts["pool"] += 1
-            layers[f"pool{counts['pool']}"] = nn.MaxPool2d(3, stride=2, padding=1)
-        elif spec.kind == "dropout":
-            rate = dropout_input if spec.dropout == "input" else dropout_hidden
-            layers[f"drop{counts['dropout']}"] = nn.Dropout(rate)
-            counts["dropout"] += 1
-        else:
-            layers["gap"] = _global_pool(global_pool)
-    model = AllConvNet(layers, registry_name(base, branch), num_classes, head_options={"bn": bn, "relu": head_relu},
-                       init=(init, init_std), in_chans=in_chans, global_pool=global_pool)
-    _init_weights(model, init, init_std)
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg_of(base, branch)
-    return model
+    def __init__(self, base: str = "C", branch: str = "allcnn", num_classes: int = 10, in_chans: int = 3,
+                 global_pool: str = "avg", *, bn: bool = config.default("bn"),
+                 dropout_input: float = config.default("dropout_input"),
+                 dropout_hidden: float = config.default("dropout_hidden"), init: str = config.default("init"),
+                 init_std: float = config.default("init_std"), head_relu: bool = config.default("head_relu"),
+                 drop_rate: float | None = None) -> None:
+        super().__init__()
+        dropout_hidden = dropout_hidden if drop_rate is None else drop_rate
+        for name, value in (("dropout_input", dropout_input), ("dropout_hidden", dropout_hidden), ("init", init),
+                            ("init_std", init_std)):
+            config.check(name, value)
+        *body, classifier, _gap = layer_plan(base, branch)  # every plan ends in the classifier conv, then the average
+        self.features, self.feature_info, self.num_features = _features(body, in_chans, bn, dropout_input,
+                                                                        dropout_hidden)
+        self.head = ClassifierHead(self.num_features, num_classes, kernel=classifier.kernel, bn=bn, relu=head_relu,
+                                   pool_type=global_pool)
+        self.head_hidden_size = self.num_features
+        self.head_name = f"conv{sum(spec.kind == 'conv' for spec in body) + 1}"  # the paper's name of the classifier
+        self.num_classes, self.in_chans, self.init = num_classes, in_chans, (init, init_std)
+        init_weights(self, init, init_std)
+        self.pretrained_cfg = self.default_cfg = pretrained_cfg_of(base, branch)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled feature map the classifier sees: (N, num_features, 6, 6) for 32 x 32 inputs."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Classifier then global average (the paper's order); ``pre_logits``: the pooled features instead."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes``, initialised as the net was (0: none, ``forward`` returns the pooled
+        features); ``global_pool`` ``avg`` or ``""`` (no pooling: ``forward`` returns maps)."""
+        reference = next(self.features.parameters())
+        self.head.reset(num_classes, global_pool)
+        init_weights(self.head, *self.init)
+        self.head.to(device=reference.device, dtype=reference.dtype)
+        self.num_classes = num_classes
+
+    def named_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every layer in forward order under the paper's names: the features (drop0, conv1, pool1, ...), the
+        classifier conv (conv9 in All-CNN-C) and ``gap``. ``allconv models --summary`` and ``visualize`` walk these."""
+        return [*self.features.named_children(), (self.head_name, self.head.fc), ("gap", self.head.global_pool)]
+
+    def _tap_layers(self) -> list[int]:
+        """Where in ``features`` each ``feature_info`` tap is."""
+        names = [name for name, _ in self.features.named_children()]
+        return [names.index(info["module"].removeprefix("features.")) for info in self.feature_info]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the ``feature_info`` taps picked by ``indices`` (None: all, n: the last n, a list:
+        those) on the way through ``features``, and the final features. There is no norm layer; NCHW only."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: allconv networks give NCHW maps only")
+        taps = _take_indices(len(self.feature_info), indices)
+        ends = self._tap_layers()
+        wanted = {ends[i] for i in taps}
+        stop = max(wanted) if stop_early else len(self.features) - 1
+        intermediates = []
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in wanted:
+                intermediates.append(x)
+            if index == stop:
+                break
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers (and taps) after the last tap ``indices`` needs, and the classifier (timm's feature getter
+        calls this); returns the taps kept."""
+        taps = _take_indices(len(self.feature_info), indices)
+        keep = self._tap_layers()[max(taps)]
+        if prune_head or keep < len(self.features) - 1:
+            self.features, self.feature_info = self.features[: keep + 1], self.feature_info[: max(taps) + 1]
+            self.num_features = self.head_hidden_size = self.head.in_chs = self.feature_info[max(taps)]["num_chs"]
+            self.reset_classifier(0, "")
+        return taps
 
 
-def parse_name(name: str) -> tuple[str, str]:
-    """``allconv_c_allcnn`` or ``C/allcnn`` or ``c-allcnn`` -> ("C", "allcnn")."""
-    cleaned = name.lower().removeprefix("allconv_").replace("/", "_").replace("-", "_")
-    base, _, branch = cleaned.partition("_")
-    if base.upper() not in BASES or branch not in BRANCHES:
-        names = ", ".join(registry_name(b, br) for b, br in ARCHITECTURES)
-        raise AllconvError(f"unknown network {name!r}: choose one of {names}")
-    return base.upper(), branch
+def _take_indices(count: int, indices: int | list[int] | None) -> list[int]:
+    """timm's ``indices`` over ``count`` taps: None all, an int the last n, a list those (negative from the end)."""
+    if indices is None or isinstance(indices, int):
+        n = count if indices is None else indices
+        if not 0 < n <= count:
+            raise ValueError(f"indices={indices}: take the last 1 to {count} taps")
+        return list(range(count - n, count))
+    taken = [i + count if i < 0 else i for i in indices]
+    if not all(0 <= i < count for i in taken):
+        raise ValueError(f"indices={list(indices)}: tap indices run 0..{count - 1} (or -{count}..-1)")
+    return taken
 
+
+def build(base: str, branch: str, **options: Any) -> AllConvNet:
+    """Network ``base``/``branch`` with :class:`AllConvNet`'s keyword ``options``: what training uses, no timm."""
+    return AllConvNet(base, branch, **options)
+
+
+def from_config(cfg: config.TrainConfig, num_classes: int) -> AllConvNet:
+    """The network a run trains. TrainConfig's ``network`` fields are :class:`AllConvNet`'s keywords (``model`` is its
+    ``base``), so a new network option is a field plus its use in the builder, with no keyword list to keep in step."""
+    options = {name: getattr(cfg, name) for name in config.fields_where(group="network")}
+    return AllConvNet(options.pop("model"), num_classes=num_classes, **options)
 
 
 def count_params(model: nn.Module) -> int:
@@ -252,35 +262,19 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(base: str, branch: str, num_classes: int = 10) -> dict[str, Any]:
-    """One row of ``allconv models``: our exact parameter count next to the paper's printed figures."""
-    entry = TABLE3[(base, branch)]
-    return {
-        "name": registry_name(base, branch),
-        "base": base,
-        "branch": branch,
-        "display_name": entry.display_name,
-        "params": count_params(build(base, branch, num_classes=num_classes, init="torch")),
-        "paper_params": entry.params_printed,
-        "paper_error": entry.error,
-    }
-
-
-def summary(
-    base: str, branch: str, num_classes: int = 10, **options: Any
-) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """(layer name, module repr, output shape, parameters) for each top-level layer on a 1x3x32x32 input."""
+def summary(base: str, branch: str, num_classes: int = 10, **options: Any
+            ) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(layer name, module repr, output shape, parameters) for each layer on a 1x3x32x32 input."""
     model = build(base, branch, num_classes=num_classes, **options).eval()
     rows = []
     x = torch.zeros(1, 3, 32, 32)
     with torch.no_grad():
-        for name, module in model.layers.named_children():
+        for name, module in model.named_layers():
             x = module(x)
-            text = repr(module.conv) if isinstance(module, ConvBlock) else repr(module)
-            if isinstance(module, ConvBlock) and not isinstance(module.bn, nn.Identity):
-                text += " + BN"
-            if isinstance(module, ConvBlock) and not isinstance(module.relu, nn.Identity):
-                text += " + ReLU"
+            text = repr(module)
+            if isinstance(module, ConvBlock):
+                text = repr(module.conv) + " + BN" * isinstance(module.bn, nn.BatchNorm2d) + (
+                    " + ReLU" * isinstance(module.relu, nn.ReLU))
             rows.append((name, text, tuple(x.shape[1:]), count_params(module)))
     return rows
 
@@ -292,7 +286,6 @@ def pretrained_cfg_of(base: str, branch: str) -> dict[str, Any]:
     (:mod:`allconv_cli.data.preprocess`), which no mean/std expresses: mean 0 and std 1 keep pixels on the 0..1 scale
     of ``--preprocess none``.
     """
-    head = sum(spec.kind == "conv" for spec in layer_plan(base, branch))  # the classifier is the last conv
     return {
         "url": "",
         "num_classes": 10,
@@ -302,55 +295,100 @@ def pretrained_cfg_of(base: str, branch: str) -> dict[str, Any]:
         "interpolation": "bicubic",
         "mean": (0.0, 0.0, 0.0),
         "std": (1.0, 1.0, 1.0),
-        "first_conv": "layers.conv1.conv",
-        "classifier": f"layers.conv{head}.conv",
+        "first_conv": "features.conv1.conv",
+        "classifier": "head.fc.conv",
         "description": f"{TABLE3[(base, branch)].display_name} (Springenberg et al. 2015), untrained",
         "paper_name": "Striving for Simplicity: The All Convolutional Net",
         "paper_ids": "arXiv:1412.6806",
     }
 
 
-# The nets' pretrained cfgs in timm's form; register_timm fills it and timm's register_model reads it from this module.
-default_cfgs: dict[str, Any] = {}
-_registered = False
+# timm's register_model reads each entry point's cfg from this module's ``default_cfgs``.
+default_cfgs: dict[str, dict[str, Any]] = {name: pretrained_cfg_of(*key) for key, name in ARCHITECTURES.items()}
 
 
-def _build_for_timm(base: str, branch: str, *, drop_rate: float | None = None, **kwargs: Any) -> AllConvNet:
-    """:func:`build` with timm's generic ``drop_rate`` as the dropout after the pooling stages."""
-    if drop_rate is not None:
-        kwargs.setdefault("dropout_hidden", drop_rate)
-    return build(base, branch, **kwargs)
+def _create(base: str, branch: str, pretrained: bool, **kwargs: Any) -> AllConvNet:
+    """timm's builder around :class:`AllConvNet`: pretrained cfg, timm's keywords, ``features_only`` (taps: the two
+    pooling stages and the final features)."""
+    if pretrained:
+        raise ValueError("allconv networks have no pretrained weights: train one with `allconv train`")
+    from timm.models import build_model_with_cfg
+
+    feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2), **kwargs.pop("feature_cfg", {})}
+    return build_model_with_cfg(AllConvNet, registry_name(base, branch), pretrained, feature_cfg=feature_cfg,
+                                base=base, branch=branch, **kwargs)
 
 
-def _entrypoint(base: str, branch: str) -> Callable[..., AllConvNet]:
-    name = registry_name(base, branch)
+def allconv_a_model(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """Model A: 5x5 convs, each stage ending in 3x3 max-pooling."""
+    return _create("A", "model", pretrained, **kwargs)
 
-    def create(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
-        if pretrained:
-            raise ValueError("allconv networks have no pretrained weights: train one with `allconv train`")
-        from timm.models import build_model_with_cfg
 
-        # the pooling stages' outputs and the final features; flatten_sequential reaches into ``layers``
-        feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2)}
-        return build_model_with_cfg(partial(_build_for_timm, base, branch), name, pretrained,
-                                    feature_cfg=feature_cfg, **kwargs)
+def allconv_a_strided(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """Strided-CNN-A: Model A without pools, the conv before each strides 2."""
+    return _create("A", "strided", pretrained, **kwargs)
 
-    create.__name__ = create.__qualname__ = name
-    create.__module__ = __name__
-    create.__doc__ = f"{TABLE3[(base, branch)].display_name} from Springenberg et al. 2015 (arXiv:1412.6806)."
-    return create
+
+def allconv_a_convpool(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """ConvPool-CNN-A: Model A with a 3x3 conv before each pool."""
+    return _create("A", "convpool", pretrained, **kwargs)
+
+
+def allconv_a_allcnn(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """All-CNN-A: Model A with each pool replaced by a 3x3 conv of stride 2."""
+    return _create("A", "allcnn", pretrained, **kwargs)
+
+
+def allconv_b_model(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """Model B: 5x5 convs each followed by a 1x1 conv, each stage ending in 3x3 max-pooling."""
+    return _create("B", "model", pretrained, **kwargs)
+
+
+def allconv_b_strided(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """Strided-CNN-B: Model B without pools, the 1x1 conv before each strides 2."""
+    return _create("B", "strided", pretrained, **kwargs)
+
+
+def allconv_b_convpool(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """ConvPool-CNN-B: Model B with a 3x3 conv before each pool."""
+    return _create("B", "convpool", pretrained, **kwargs)
+
+
+def allconv_b_allcnn(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """All-CNN-B: Model B with each pool replaced by a 3x3 conv of stride 2."""
+    return _create("B", "allcnn", pretrained, **kwargs)
+
+
+def allconv_c_model(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """Model C: pairs of 3x3 convs, each stage ending in 3x3 max-pooling."""
+    return _create("C", "model", pretrained, **kwargs)
+
+
+def allconv_c_strided(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """Strided-CNN-C: Model C without pools, the conv before each strides 2."""
+    return _create("C", "strided", pretrained, **kwargs)
+
+
+def allconv_c_convpool(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """ConvPool-CNN-C: Model C with a 3x3 conv before each pool."""
+    return _create("C", "convpool", pretrained, **kwargs)
+
+
+def allconv_c_allcnn(pretrained: bool = False, **kwargs: Any) -> AllConvNet:
+    """All-CNN-C: Model C with each pool replaced by a 3x3 conv of stride 2."""
+    return _create("C", "allcnn", pretrained, **kwargs)
+
+
+ENTRYPOINTS = (allconv_a_model, allconv_a_strided, allconv_a_convpool, allconv_a_allcnn,
+               allconv_b_model, allconv_b_strided, allconv_b_convpool, allconv_b_allcnn,
+               allconv_c_model, allconv_c_strided, allconv_c_convpool, allconv_c_allcnn)
 
 
 def register_timm() -> None:
-    """Make ``timm.create_model("allconv_c_allcnn", num_classes=100)`` work, with the nets' pretrained cfgs in timm's
-    registry. Idempotent."""
-    global _registered, default_cfgs
-    if _registered:
-        return
-    from timm.models import generate_default_cfgs, register_model
+    """Hand the twelve entry points (with ``default_cfgs``) to timm's registry, so ``timm.create_model(
+    "allconv_c_allcnn", num_classes=100)`` works. Idempotent."""
+    from timm.models import is_model, register_model
 
-    default_cfgs = generate_default_cfgs({name: pretrained_cfg_of(b, br) for (b, br), name in ARCHITECTURES.items()})
-    for base, branch in ARCHITECTURES:
-        fn = _entrypoint(base, branch)
-        globals()[fn.__name__] = register_model(fn)
-    _registered = True
+    for entrypoint in ENTRYPOINTS:
+        if not is_model(entrypoint.__name__):
+            register_model(entrypoint)

@@ -65,6 +65,7 @@ WEIGHT_DECAY = 1e-3
 MOMENTUM = 0.9  # classic (not Nesterov) momentum
 DROPOUT_INPUT = 0.2
 DROPOUT_HIDDEN = 0.5  # after each pooling layer or the layer that replaces it
+ZCA_EPSILON = 0.1  # the ZCA's filter_bias in the paper's data (pylearn2's make_cifar10_gcn_whitened.py default)
 
 # What the paper fixes, as TrainConfig values: a reproduction sets them all, the report flags runs that differ.
 PROTOCOL: dict[str, object] = {
@@ -82,14 +83,10 @@ PROTOCOL: dict[str, object] = {
     "milestones": None,  # None: 4/7, 5/7, 6/7 of the epochs, i.e. MILESTONES for 350
     "preprocess": "gcn-zca",
 }
-# What the paper does not state and we chose (a reproduction fixes these too, labelled as ours, not the paper's).
+# What the paper does not state and we chose (a reproduction fixes these too, labelled as ours, not the paper's);
+# docs/protocol.md gives the reasons and the measurements behind them.
 OUR_CHOICES: dict[str, object] = {
-    # PyTorch's fan-average Xavier uniform. The public reproductions differ: the Caffe All-CNN-C recipe (90.25 %) used
-    # Caffe's fan-in "xavier" (init xavier-caffe), the neon/TensorFlow port (89.3 %) N(0, 0.05) for weights and biases
-    # (init gaussian). Kept as ours, not for a measured advantage: at lr 0.05 (All-CNN-C, batch 128, CPU fp32) every
-    # scheme loses class channels in the first 50 steps, xavier the most (live of 10 at step 50, seeds 0/1/2: xavier
-    # 0/5/3, xavier-caffe 5/8/9, gaussian 7/4/3); a switch to xavier-caffe should rest on a longer multi-seed check.
-    "init": "xavier",
+    "init": "xavier",  # PyTorch's fan-average Xavier uniform
     "batch_size": 128,  # the neon/TensorFlow port's; the Caffe recipe used 256
 }
 

@@ -76,16 +76,16 @@ def relu_rule(model: nn.Module, rule: str) -> Iterator[int]:
             setattr(parent, name, child)
 
 
-def _layers(model: nn.Module) -> nn.Sequential:
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.Sequential):
-        raise AllconvError(f"{type(model).__name__} is not an allconv network (no .layers): visualize needs one")
-    return layers
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    named_layers = getattr(model, "named_layers", None)
+    if named_layers is None:
+        raise AllconvError(f"{type(model).__name__} is not an allconv network (no named_layers): visualize needs one")
+    return named_layers()
 
 
 def layer_names(model: nn.Module) -> list[str]:
     """The layers whose units can be shown: the convs and pools, in order (conv1, pool1, conv2, ...)."""
-    return [name for name, _ in _layers(model).named_children() if name.startswith(("conv", "pool"))]
+    return [name for name, _ in _layers(model) if name.startswith(("conv", "pool"))]
 
 
 def default_layer(model: nn.Module) -> str:
@@ -102,7 +102,7 @@ def check_layer(model: nn.Module, layer: str) -> None:
 
 def forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """The output of ``layer`` (after its BatchNorm and ReLU) for inputs ``x``."""
-    for name, module in _layers(model).named_children():
+    for name, module in _layers(model):
         x = module(x)
         if name == layer:
             return x

@@ -300,11 +300,11 @@ def test_cache_rejects_torn_or_foreign_files(real: Dataset, zca_cache: Path, tmp
 
 
 @pytest.mark.unit
-def test_gcn_variants_are_keyed_apart_and_old_bundles_keep_their_gcn(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each GCN variant has its own cache file and data fingerprint, and comes back from the cache as itself; a
-    transform saved before the version was recorded (v1, when gcn-zca was Coates' GCN) comes back as gcn-zca-coates,
-    the maths it was fitted with. (The eigendecomposition is replaced by an identity W: only the keying is tested.)"""
+def test_gcn_variants_are_keyed_apart_and_rebuild_from_their_fields(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GCN variant has its own cache file and data fingerprint, and comes back from the cache as itself; rebuilt
+    from its fields (as a logged model's bundle does) it computes the same. (The eigendecomposition is replaced by an
+    identity W: only the keying is tested.)"""
     assert PREPROCESSINGS[:2] == ("gcn-zca", "gcn-zca-coates") == preprocess.ZCA_KINDS
     assert preprocess.GCN["gcn-zca"] == preprocess.GcnParams(scale=55.0, use_std=False, sqrt_bias=0.0)
     fitted = []
@@ -327,15 +327,13 @@ def test_gcn_variants_are_keyed_apart_and_old_bundles_keep_their_gcn(tmp_path: P
     assert names == ["gcn-zca", "gcn-zca-coates"]
 
     w, mean, raw = torch.eye(3072), torch.zeros(3072), make_fake(10, 10, 0)[0]
-    legacy = preprocess.Preprocessor.from_fields({"kind": "gcn-zca", "mean": mean, "std": None, "whitening": w,
-                                                  "epsilon": 0.1})
-    assert (legacy.kind, legacy.version) == ("gcn-zca-coates", 1)
     current = preprocess.Preprocessor("gcn-zca", mean=mean, whitening=w, epsilon=0.1)
-    again = preprocess.Preprocessor.from_fields({f.name: getattr(current, f.name)
-                                                 for f in dataclasses.fields(preprocess.Preprocessor)})
-    assert (again.kind, again.version) == ("gcn-zca", preprocess.PREPROCESS_VERSION)
-    assert torch.equal(legacy.apply(raw), preprocess.Preprocessor("gcn-zca-coates", mean=mean, whitening=w).apply(raw))
-    assert not torch.allclose(legacy.apply(raw), again.apply(raw))
+    again = preprocess.Preprocessor.from_fields({f.name: getattr(current, f.name) for f in dataclasses.fields(current)})
+    coates = preprocess.Preprocessor("gcn-zca-coates", mean=mean, whitening=w, epsilon=0.1)
+    assert again.kind == "gcn-zca" and torch.equal(again.apply(raw), current.apply(raw))
+    assert not torch.allclose(coates.apply(raw), again.apply(raw))
+    with pytest.raises(AllconvError, match="preprocess='pca'"):
+        preprocess.Preprocessor("pca")
 
 
 # ---------------------------------------------------------------------------------------------------------- fake data

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from allconv_cli import models
+from allconv_cli import architectures, config, models, paper
 from allconv_cli.errors import AllconvError
 from conftest import run_side_by_side
 
@@ -42,7 +42,7 @@ def test_parameter_counts_are_exact(base: str, branch: str) -> None:
 def test_shapes_and_no_shared_modules(base: str, branch: str) -> None:
     model = models.build(base, branch, num_classes=100).eval()
     feature_maps = {}
-    for name, module in model.layers.named_children():
+    for name, module in model.named_layers():
         module.register_forward_hook(lambda m, i, o, name=name: feature_maps.__setitem__(name, o.shape))
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 100)
@@ -62,7 +62,7 @@ def test_shapes_and_no_shared_modules(base: str, branch: str) -> None:
 
 @pytest.mark.unit
 def test_branch_rewrites() -> None:
-    kinds = {br: [s.kind for s in models.layer_plan("C", br)] for br in models.BRANCHES}
+    kinds = {br: [s.kind for s in models.layer_plan("C", br)] for br in paper.BRANCHES}
     assert kinds["model"].count("pool") == 2 and kinds["strided"].count("pool") == 0
     assert kinds["allcnn"].count("pool") == 0 and kinds["convpool"].count("pool") == 2
     assert kinds["convpool"].count("conv") == kinds["allcnn"].count("conv") == kinds["model"].count("conv") + 2
@@ -73,9 +73,9 @@ def test_branch_rewrites() -> None:
     assert [(s.kernel, s.out) for s in allcnn_a] == [(3, 96), (3, 192)]
     # dropout: 20% on the input, 50% after each pooling layer or its replacement
     model = models.build("A", "strided")
-    names = list(dict(model.layers.named_children()))
-    assert names[0] == "drop0" and model.layers.drop0.p == 0.2
-    assert names[names.index("conv1") + 1] == "drop1" and model.layers.drop1.p == 0.5
+    names = [name for name, _ in model.named_layers()]
+    assert names[0] == "drop0" and model.features.drop0.p == 0.2
+    assert names[names.index("conv1") + 1] == "drop1" and model.features.drop1.p == 0.5
 
 
 @pytest.mark.unit
@@ -92,16 +92,16 @@ def test_dropout_off_in_eval_and_bn_option() -> None:
 def test_head_relu_option() -> None:
     with_relu = models.build("C", "model", init="gaussian")
     without = models.build("C", "model", head_relu=False)
-    assert isinstance(with_relu.layers[-2].relu, nn.ReLU)
-    assert isinstance(without.layers[-2].relu, nn.Identity)
+    assert isinstance(with_relu.named_layers()[-2][1].relu, nn.ReLU) and with_relu.named_layers()[-2][0] == "conv7"
+    assert isinstance(without.get_classifier().relu, nn.Identity)
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("init", models.INITS)
+@pytest.mark.parametrize("init", config.INITS)
 def test_inits(init: str) -> None:
     torch.manual_seed(0)
     model = models.build("C", "allcnn", init=init, init_std=0.05)
-    weight = model.layers.conv2.conv.weight
+    weight = model.features.conv2.conv.weight
     if init == "gaussian":
         assert abs(weight.std().item() - 0.05) < 0.005
     if init == "xavier":
@@ -120,13 +120,13 @@ INIT_LAWS = {
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("init", models.INITS)
+@pytest.mark.parametrize("init", config.INITS)
 @pytest.mark.parametrize("base", ["A", "C"])
 def test_init_statistics_follow_the_formula(init: str, base: str) -> None:
     """Every conv's weight std equals its scheme's formula within 5 standard errors of a sample std (SE = std x
     sqrt((kurtosis - 1) / 4n): kurtosis 1.8 uniform, 3 normal), mean 0 within 5 SE; uniform weights within the
     bound; biases as the scheme says. All-CNN-A (5x5 convs) and -C (3x3): 16 layers of fan_in 27 to 4,800."""
-    assert set(INIT_LAWS) == set(models.INITS)
+    assert set(INIT_LAWS) == set(config.INITS)
     law, std_of, bias_law = INIT_LAWS[init]
     torch.manual_seed(1)
     std_setting = 0.03
@@ -165,8 +165,62 @@ def test_bad_names_raise_clear_errors() -> None:
         models.layer_plan("A", "pooled")
     with pytest.raises(AllconvError, match=r"dropout_hidden=1\.5"):
         models.build("A", "model", dropout_hidden=1.5)
-    assert models.parse_name("allconv_c_allcnn") == ("C", "allcnn")
-    assert models.parse_name("B/convpool") == ("B", "convpool")
+    assert architectures.parse_name("allconv_c_allcnn") == ("C", "allcnn")
+    assert architectures.parse_name("B/convpool") == ("B", "convpool")
+
+
+@pytest.mark.unit
+def test_the_library_checks_with_the_config_messages() -> None:
+    """One place for choices and ranges: the builder and the layer table raise TrainConfig's own messages."""
+    cases = [(lambda: models.build("A", "model", dropout_input=1.0), "dropout_input"),
+             (lambda: models.build("C", "allcnn", init="he"), "init"),
+             (lambda: models.build("C", "allcnn", init="gaussian", init_std=0.0), "init_std"),
+             (lambda: models.layer_plan("D", "model"), "model"),
+             (lambda: models.layer_plan("A", "pooled"), "branch")]
+    for make, field in cases:
+        with pytest.raises(AllconvError) as err:
+            make()
+        value = {"dropout_input": 1.0, "init": "he", "init_std": 0.0, "model": "D", "branch": "pooled"}[field]
+        assert str(err.value) == config.spec(field).check(field, value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("name", "expected"), [
+    ("All-CNN-C", ("C", "allcnn")), ("all-cnn-c", ("C", "allcnn")), ("Model A", ("A", "model")),
+    ("model  a", ("A", "model")), ("ConvPool-CNN-B", ("B", "convpool")), ("STRIDED-CNN-A", ("A", "strided")),
+    ("allconv_c_allcnn", ("C", "allcnn")), ("ALLCONV_B_MODEL", ("B", "model")), ("c-allcnn", ("C", "allcnn")),
+])
+def test_parse_name_takes_registry_and_paper_names(name: str, expected: tuple[str, str]) -> None:
+    assert architectures.parse_name(name) == expected
+
+
+@pytest.mark.unit
+def test_an_unknown_name_lists_every_valid_one_on_one_line() -> None:
+    with pytest.raises(AllconvError) as err:
+        architectures.parse_name("All-CNN-D")
+    message = str(err.value)
+    assert "'All-CNN-D'" in message and "\n" not in message
+    assert all(name in message for name in architectures.ARCHITECTURES.values())
+    assert all(entry.display_name in message for entry in paper.TABLE3.values())
+
+
+@pytest.mark.unit
+def test_from_config_builds_what_the_engine_builds() -> None:
+    """``models.from_config`` reads every ``network`` field of TrainConfig (the engine's keyword list, derived):
+    the same net, weight for weight, as ``engine.build_model`` for non-default values of each."""
+    from allconv_cli.engine import build_model
+
+    cfg = config.TrainConfig(model="B", branch="convpool", bn=True, dropout_input=0.1, dropout_hidden=0.3,
+                             init="gaussian", init_std=0.02, head_relu=False)
+    torch.manual_seed(3)
+    ours = models.from_config(cfg, 7)
+    torch.manual_seed(3)
+    engine = build_model(cfg, 7)
+    assert ours.state_dict().keys() == engine.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), engine.state_dict().values(),
+                                                   strict=True))
+    assert (ours.features.drop0.p, ours.features.drop1.p, ours.num_classes) == (0.1, 0.3, 7)
+    assert isinstance(ours.get_classifier().relu, nn.Identity)
 
 
 @pytest.mark.e2e
@@ -213,16 +267,39 @@ def test_models_cli_json_and_table_and_a_bad_name() -> None:
     assert bad.stderr.strip().count("\n") == 0 and "allconv_d_model" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.e2e
+def test_models_cli_at_80_columns_takes_paper_names_and_needs_no_torch() -> None:
+    """At 80 columns every registry name stays whole on its row (a person copies it); ``--summary`` takes the
+    paper's names; an unknown name is one line listing the valid ones; the list itself imports no torch."""
+    cli = [sys.executable, "-m", "allconv_cli", "models"]
+    no_torch = ("import sys, atexit; atexit.register(lambda: print('torch' in sys.modules)); "
+                "from allconv_cli.cli import main; main(['models'])")
+    table, by_paper, bad, light = run_side_by_side(
+        [cli, [*cli, "--summary", "ConvPool-CNN-B"], [*cli, "--summary", "Model D"],
+         [sys.executable, "-c", no_torch]],
+        env={"COLUMNS": "80", "PATH": ""},
+    )
+    lines = table.stdout.splitlines()
+    assert table.returncode == 0 and max(map(len, lines)) <= 80
+    for key, name in architectures.ARCHITECTURES.items():
+        row = next(line for line in lines if f" {name} " in line)
+        assert paper.TABLE3[key].display_name in row and f"{architectures.param_count(*key):,}" in row
+    assert by_paper.returncode == 0, by_paper.stderr
+    assert "ConvPool-CNN-B (allconv_b_convpool)" in by_paper.stdout and "1,300,618" in by_paper.stdout
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "'Model D'" in bad.stderr
+    assert "allconv_c_allcnn" in bad.stderr and "All-CNN-C" in bad.stderr and "Traceback" not in bad.stderr
+    assert light.returncode == 0 and light.stdout.splitlines()[-1] == "False", light.stderr
+
+
 @pytest.mark.unit
 def test_cli_choices_match_the_library() -> None:
     """The CLI's choice lists are generated from TrainConfig's metadata, so `--help` needs no torch; they are the
     lists the library checks against."""
-    from allconv_cli import config, paper
     from allconv_cli.cli.train_cmd import train_command
 
     choices = {p.name: tuple(p.type.choices) for p in train_command.params if isinstance(p.type, click.Choice)}
-    assert choices["model"] == paper.BASES and choices["branch"] == paper.BRANCHES == models.BRANCHES
-    assert choices["init"] == config.INITS == models.INITS and choices["optimizer"] == config.OPTIMIZERS
+    assert choices["model"] == paper.BASES and choices["branch"] == paper.BRANCHES == config.spec("branch").choices
+    assert choices["init"] == config.INITS == config.spec("init").choices and choices["optimizer"] == config.OPTIMIZERS
     assert choices["compile_mode"] == config.COMPILE_MODES
     assert choices["dataset"] == config.DATASETS and choices["preprocess"] == config.PREPROCESSINGS
     assert choices["augment"] == config.AUGMENTATIONS

@@ -26,22 +26,22 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _click_type(name: str) -> Any:
-    spec, kind = config.spec(name), config.FIELD_TYPES[name]
+    spec, (base, _) = config.spec(name), config.field_type(name)
     if spec.choices is not None:
         return click.Choice(spec.choices, case_sensitive=name != "model")
     if name == "data_dir":
         return click.Path(file_okay=False)
     # Ranges are not click's: TrainConfig.validate checks them, one message for every way a config is made
     # (options, --set, a space's fixed values, stored params).
-    return {"int": int, "float": float}.get(kind.split(" ")[0])
+    return base if base in (int, float) else None
 
 
 def field_option(name: str, **overrides: Any) -> Callable[[F], F]:
     """The ``--flag`` of one TrainConfig field, with its declared default, help, choices and envvar."""
-    spec, kind = config.spec(name), config.FIELD_TYPES[name]
+    spec, (base, _) = config.spec(name), config.field_type(name)
     flag = config.option_flag(name)
     kwargs: dict[str, Any] = {"help": spec.help, "show_default": True}
-    if kind == "bool":
+    if base is bool:
         flag = f"{flag}/--no-{flag[2:]}"
     if name == "milestones":
         kwargs["callback"] = _milestones

@@ -1,5 +1,8 @@
 """Datasets as train/val/test tensors on the training device, and the one function that puts them there.
 
+What to load is a :class:`~allconv_cli.config.DataConfig` (declared in ``config.py`` with TrainConfig's defaults,
+re-exported here), so the torch-free ground floor never imports this package.
+
 CIFAR is tiny (60,000 x 3 x 32 x 32 float32 = 737 MB), so every split lives on the device as one tensor and a batch
 is an index into it (:mod:`.batches`). Raw arrays come from :mod:`.sources` (or :mod:`.fake`), the splits from
 :mod:`.splits`, the paper's GCN + ZCA preprocessing from :mod:`.preprocess`.
@@ -13,12 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from allconv_cli.config import AUGMENTATIONS, DATASETS, PREPROCESSINGS
+from allconv_cli.config import AUGMENTATIONS, DATASETS, PREPROCESSINGS, DataConfig
 from allconv_cli.data.batches import augment_batch, iterate_batches
-from allconv_cli.data.choices import check_choice
 from allconv_cli.data.fake import make_fake
 from allconv_cli.data.preprocess import (
-    DEFAULT_ZCA_EPSILON,
     PREPROCESS_VERSION,
     ZCA_KINDS,
     Preprocessor,
@@ -50,25 +51,6 @@ __all__ = [
     "resolve_data_dir",
     "split_indices",
 ]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Everything that decides which images, in which split, preprocessed how (plus where to find and cache them)."""
-
-    dataset: str = "cifar10"  # "cifar10" | "cifar100" | "fake"
-    data_dir: str | None = None  # None -> env ALLCONV_DATA_DIR, else ~/.cache/allconv/data (torchvision download cache)
-    subset: int | None = None  # stratified N-image part of the training part, for quick runs
-    val_size: int = 5000  # held-out validation split from the training set (0 = no validation split)
-    test_size: int | None = None  # stratified N-image part of the test set, for quick runs (None: all of it)
-    preprocess: str = "gcn-zca"  # one of PREPROCESSINGS (config.py)
-    seed: int = 0
-    fake_train_size: int = 10000  # sizes of the synthetic dataset (room for the default 5,000-image val split)
-    fake_test_size: int = 1000
-    zca_epsilon: float = DEFAULT_ZCA_EPSILON
-    download: bool = True
-    cache_dir: str | None = None  # None -> env ALLCONV_CACHE_DIR, else ~/.cache/allconv; files go to <dir>/preprocess
-    use_cache: bool = True  # reuse/store the fitted GCN + ZCA transform on disk
 
 
 @dataclass
@@ -118,14 +100,12 @@ def _fingerprint(cfg: DataConfig, arrays: tuple[np.ndarray, ...]) -> str:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
-    fields = {"dataset": cfg.dataset, "subset": cfg.subset, "val_size": cfg.val_size, "preprocess": cfg.preprocess,
-              "seed": cfg.seed, "version": PREPROCESS_VERSION}
+    fields = {"dataset": cfg.dataset, "subset": cfg.subset, "val_size": cfg.val_size, "test_size": cfg.test_size,
+              "preprocess": cfg.preprocess, "seed": cfg.seed, "version": PREPROCESS_VERSION}
     if cfg.preprocess in ZCA_KINDS:
         fields["zca_epsilon"] = cfg.zca_epsilon
     if cfg.dataset == "fake":
         fields["fake"] = (cfg.fake_train_size, cfg.fake_test_size)
-    if cfg.test_size is not None:  # only when set, so runs on the whole test set keep their earlier fingerprints
-        fields["test_size"] = cfg.test_size
     h.update(repr(sorted(fields.items())).encode())
     return h.hexdigest()[:12]
 
@@ -136,8 +116,6 @@ def load_dataset(cfg: DataConfig, device: torch.device | str | None = None) -> D
     ``device`` only says where to run the preprocessing maths (a GPU fits and applies ZCA in well under a second);
     the results are the same up to float rounding and come back to the CPU either way.
     """
-    check_choice("dataset", cfg.dataset, DATASETS, "--dataset")
-    check_choice("preprocess", cfg.preprocess, PREPROCESSINGS, "--preprocess")
     x_train, y_train, x_test, y_test, classes = load_raw(cfg)
     fit_idx, train_idx, val_idx = split_indices(y_train, cfg.val_size, cfg.subset, cfg.seed)
     test_idx = pick_test_indices(y_test, cfg.test_size, cfg.seed)

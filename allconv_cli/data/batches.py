@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from allconv_cli.config import AUGMENTATIONS
-from allconv_cli.data.choices import unknown_choice_message
+from allconv_cli.config import check
 from allconv_cli.errors import AllconvError
 
 if TYPE_CHECKING:
@@ -50,10 +49,9 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None 
     random (dy, dx) in [-pad, pad]^2, filling with zeros (the mean image, after the zero-mean preprocessing), as the
     paper's "translations and horizontal flips". Random numbers come from ``generator`` (on ``x``'s device).
     """
+    check("augment", mode)
     if mode == "none":
         return x
-    if mode != "flip-translate":
-        raise AllconvError(unknown_choice_message("augmentation", mode, AUGMENTATIONS, "--augment"))
     if pad < 0:
         raise AllconvError(f"pad={pad}: the translation range must be >= 0 pixels")
     if x.ndim != 4:

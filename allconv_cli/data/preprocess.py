@@ -2,9 +2,8 @@
 normalisation, then ZCA whitening, fitted on the training part only, computed as pylearn2 computes it (tests check it
 against a transcription of pylearn2's code); plus Coates' GCN variant, per-channel standardisation and none.
 
-ZCA is fitted on the whole training part even when ``subset`` trains on fewer images: a 3072 x 3072 covariance from
-2,000 images is rank-deficient and unseen inputs would come out larger than the training ones (1.7x the mean squared
-norm at the default eps). The fit costs ~15-30 s on a 2-core CPU (0.1 s on a GPU) and every search trial needs the same
+ZCA is fitted on the whole training part even when ``subset`` trains on fewer images (docs/protocol.md says why).
+The fit costs ~15-30 s on a 2-core CPU (0.1 s on a GPU) and every search trial needs the same
 one, so it is cached on disk, keyed by the content of the images it was fitted on and its parameters.
 """
 
@@ -19,17 +18,14 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from allconv_cli.config import PREPROCESSINGS
-from allconv_cli.data.choices import check_choice, unknown_choice_message
+from allconv_cli.config import DataConfig, check
 from allconv_cli.errors import AllconvError
-
-if TYPE_CHECKING:
-    from allconv_cli.data import DataConfig
+from allconv_cli.paper import ZCA_EPSILON
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +57,8 @@ GCN: dict[str, GcnParams] = {
     "gcn-zca-coates": GcnParams(scale=1.0, use_std=True, sqrt_bias=10.0),
 }
 ZCA_KINDS: tuple[str, ...] = tuple(GCN)
-# pylearn2's ZCA() default filter_bias=0.1, as make_cifar10_gcn_whitened.py uses it: W = U diag(1/sqrt(s + 0.1)) U^T
-# from the eigendecomposition of cov + 0.1 I (cov = X^T X / N of the mean-centred training images). Measured on the
-# 45,000-image training part of CIFAR-10 after the paper's GCN: eigenvalues s run from 468 down to 0 (the all-ones
-# direction that GCN removes). The 758 above 0.1 hold 98.9 % of the variance and come out whitened (variance
-# s/(s+eps) >= 0.5; >= 0.91 for the 223 above 1); the rest are damped instead of amplified. Validation and test
-# inputs then have 1.04x and 1.03x the training inputs' mean squared norm.
-DEFAULT_ZCA_EPSILON = 0.1
+# ZCA's epsilon is paper.ZCA_EPSILON (pylearn2's filter_bias 0.1): W = U diag(1/sqrt(s + eps)) U^T from the
+# eigendecomposition of cov + eps I; docs/protocol.md gives what it does to CIFAR-10's eigenvalues, measured.
 # Bump when the preprocessing maths change, so old cache entries and fingerprints are not reused.
 # 1: gcn-zca was Coates' GCN (now gcn-zca-coates). 2: gcn-zca is pylearn2's gcn=55 GCN.
 PREPROCESS_VERSION = 2
@@ -82,7 +73,7 @@ class Preprocessor:
 
     ``gcn-zca`` and ``gcn-zca-coates`` (:data:`ZCA_KINDS`): ``mean`` (3072,) and ``whitening`` (3072, 3072) act on
     images flattened in CHW order after that kind's GCN (:data:`GCN`). ``standardize``: ``mean`` and ``std`` (3,) per
-    channel on the 0..1 scale. ``none``: x / 255. ``version``: the :data:`PREPROCESS_VERSION` it was made under.
+    channel on the 0..1 scale. ``none``: x / 255.
     """
 
     kind: str
@@ -90,17 +81,13 @@ class Preprocessor:
     std: torch.Tensor | None = None
     whitening: torch.Tensor | None = None
     epsilon: float | None = None
-    version: int = PREPROCESS_VERSION
+
+    def __post_init__(self) -> None:
+        check("preprocess", self.kind)
 
     @classmethod
     def from_fields(cls, saved: dict[str, Any]) -> Preprocessor:
-        """Rebuild one from its saved fields (a logged model's bundle). Saved before the version was recorded (v1),
-        ``gcn-zca`` meant Coates' GCN: such a transform comes back as ``gcn-zca-coates``, which computes exactly it."""
-        saved = dict(saved)
-        if "version" not in saved:
-            saved["version"] = 1
-            if saved.get("kind") == "gcn-zca":
-                saved["kind"] = "gcn-zca-coates"
+        """Rebuild one from its saved fields (a logged model's bundle holds them as plain tensors)."""
         return cls(**saved)
 
     def apply(self, images: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
@@ -127,13 +114,12 @@ class Preprocessor:
             for start in range(0, n, _ROWS_PER_CHUNK):
                 chunk = _to_float_chw(images[start : start + _ROWS_PER_CHUNK], dev).view(-1, 3, 1024) / 255.0
                 flat_out[start : start + len(chunk)] = ((chunk - mean) / std).reshape(len(chunk), -1).cpu()
-        elif self.kind == "none":
+        else:  # none
             for start in range(0, n, _ROWS_PER_CHUNK):
                 chunk = _to_float_chw(images[start : start + _ROWS_PER_CHUNK], dev) / 255.0
                 flat_out[start : start + len(chunk)] = chunk.cpu()
-        else:
-            raise AllconvError(unknown_choice_message("preprocess", self.kind, PREPROCESSINGS, "--preprocess"))
         return out
+
 
 def _exact_dtype(device: torch.device) -> torch.dtype:
     """The dtype for ZCA's matmuls: the small eigen-directions need full IEEE precision.
@@ -282,13 +268,12 @@ def save_cached(path: Path, key: str, pre: Preprocessor) -> None:
 def fit_preprocessor(cfg: DataConfig, fit_images: np.ndarray, device: torch.device | str | None = None
                      ) -> Preprocessor:
     """The ``cfg.preprocess`` transform fitted on ``fit_images`` (the training part), from the cache when possible."""
-    check_choice("preprocess", cfg.preprocess, PREPROCESSINGS, "--preprocess")
     if cfg.preprocess == "none":
         return Preprocessor("none")
     if cfg.preprocess == "standardize":
         return fit_standardize(fit_images)
     if not (cfg.zca_epsilon > 0 and np.isfinite(cfg.zca_epsilon)):
-        raise AllconvError(f"zca_epsilon={cfg.zca_epsilon}: must be > 0 (default {DEFAULT_ZCA_EPSILON})")
+        raise AllconvError(f"zca_epsilon={cfg.zca_epsilon}: must be > 0 (default {ZCA_EPSILON})")
     cache = preprocess_cache_dir(cfg)
     if cache is None:
         return fit_zca(fit_images, cfg.zca_epsilon, device, cfg.preprocess)

@@ -10,17 +10,12 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from allconv_cli.config import DATASETS, ENV_DATA_DIR
-from allconv_cli.data.choices import check_choice
+from allconv_cli.config import ENV_DATA_DIR, DataConfig
 from allconv_cli.data.fake import make_fake
 from allconv_cli.errors import AllconvError
-
-if TYPE_CHECKING:
-    from allconv_cli.data import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +35,6 @@ def load_raw(cfg: DataConfig) -> RawArrays:
     ``test.npz`` (arrays ``images`` uint8 (N, 32, 32, 3) and ``labels``), else from a torchvision root there, which
     torchvision downloads into when ``cfg.download`` is set.
     """
-    check_choice("dataset", cfg.dataset, DATASETS, "--dataset")
     if cfg.dataset == "fake":
         return make_fake(cfg.fake_train_size, cfg.fake_test_size, cfg.seed)
     root, origin = resolve_data_dir(cfg)
