@@ -7,6 +7,7 @@ the study identity and the report's rerun commands are all derived from the fiel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -275,6 +276,32 @@ def _type_text(name: str) -> str:
 
 # How each field's type reads in a message ("int | None", "tuple[int, ...] | None"), from the real type hints.
 FIELD_TYPES: dict[str, str] = {name: _type_text(name) for name in FIELD_NAMES}
+
+
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list of integers"}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` (from YAML or ``--set``) as the type of field ``name``; ValueError with the reason otherwise.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings are accepted for numeric fields; an integral
+    float is an int; a list of integers is a tuple."""
+    base, optional = field_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} cannot be null")
+    if isinstance(value, base) and not (base is not bool and isinstance(value, bool)) and base is not tuple:
+        return value
+    with contextlib.suppress(TypeError, ValueError):
+        if base is int and not isinstance(value, bool) and (isinstance(value, str) or float(value).is_integer()):
+            return int(value)
+        if base is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+            return float(value)
+        if base is tuple and isinstance(value, (list, tuple)) \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    raise ValueError(f"{name} is {_KIND.get(base, 'not settable here')}, not {value!r}")
 
 
 def spec(name: str) -> Spec:

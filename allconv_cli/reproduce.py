@@ -216,7 +216,7 @@ def reproduce(plan: ReproducePlan, console: Any, *, heartbeat_interval: int | No
     """Run every study of ``plan``: first a pass taking the free lrs of each network, then a pass that waits for
     trials still running elsewhere (so N hosts spread over all the trials instead of waiting network by network).
     Stops at the first interruption (rerunning the command resumes)."""
-    from allconv_cli.search.study import DataCache
+    from allconv_cli.data import DataCache
 
     data = DataCache()  # networks of one protocol share their data: it is loaded once
     outcomes: dict[tuple[str, str, str], NetworkOutcome] = {}

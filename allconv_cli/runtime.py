@@ -47,6 +47,17 @@ def configure() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def quiet_optuna() -> None:
+    """For a study session: Optuna's warnings about the experimental features allconv uses knowingly (heartbeats,
+    metric names) and its per-trial log lines (the search prints its own) would tear the live view."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
 def mlflow_log_path() -> Path:
     """Where MLflow's messages go: ``$ALLCONV_CACHE_DIR/mlflow.log``, else ``~/.cache/allconv/mlflow.log``."""
     return Path(os.environ.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR).expanduser() / MLFLOW_LOG

@@ -1,137 +1,33 @@
 """Search spaces: YAML files that say which :class:`~allconv_cli.config.TrainConfig` fields a search samples, and how.
 
 A space is data, so a study is reproducible from the file alone (it is logged with the study), and every key is
-checked against TrainConfig's own ranges before a study starts. ``--space NAME`` finds ``./search_spaces/NAME.yaml``
-(the user's own, next to ``mlruns/`` and ``optuna.db``) before the shipped ones (read-only starting points:
-``allconv spaces copy NAME``). Here: where spaces live, the parsed model (distributions, sampling, size), and parsing
-with validation. Imports neither torch nor optuna. The format: docs/design.md.
+checked against TrainConfig's own ranges before a study starts. Here: the parsed model (distributions, sampling,
+size) and parsing with validation; where the files live: :mod:`allconv_cli.space_files`. Imports neither torch nor
+optuna. The format: docs/design.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from allconv_cli.config import DATA_FIELDS, FIELD_NAMES, FIELD_TYPES, SAMPLEABLE, TrainConfig
+from allconv_cli.config import DATA_FIELDS, FIELD_NAMES, FIELD_TYPES, SAMPLEABLE, TrainConfig, coerce, field_type
 from allconv_cli.config import spec as field_spec
 from allconv_cli.errors import AllconvError
-
-LOCAL_DIR = "search_spaces"
-
-
-class SpaceError(AllconvError):
-    """A search space that cannot be found or used; the message names the file (or name) and the key."""
-
-
-@dataclass(frozen=True)
-class SpaceFile:
-    """A space ``--space NAME`` can name: ``where`` is local or shipped; a local file may shadow a shipped one."""
-
-    name: str
-    path: Path
-    where: str
-    shadowed: bool = False  # a shipped space hidden by ./search_spaces/NAME.yaml
-
-
-def shipped_dir() -> Path:
-    """The repository's ``search_spaces/``, installed as the package ``allconv_cli.search_spaces``."""
-    return Path(str(resources.files("allconv_cli.search_spaces")))
-
-
-def local_dir() -> Path:
-    """The user's own spaces, relative to the working directory (where mlruns/ and optuna.db are too)."""
-    return Path(LOCAL_DIR)
-
-
-def _yaml_stems(folder: Path) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
-
-
-def shipped_names() -> list[str]:
-    return _yaml_stems(shipped_dir())
-
-
-def local_names() -> list[str]:
-    """The user's own spaces; none when ./search_spaces is the shipped folder itself (a run from the repository)."""
-    folder = local_dir()
-    if folder.is_dir() and folder.resolve() == shipped_dir().resolve():
-        return []
-    return _yaml_stems(folder)
-
-
-def named_spaces() -> list[SpaceFile]:
-    """Every named space, by name; a local one before the shipped one it shadows."""
-    local = local_names()
-    files = [SpaceFile(n, local_dir() / f"{n}.yaml", "local") for n in local]
-    files += [SpaceFile(n, shipped_dir() / f"{n}.yaml", "shipped", n in local) for n in shipped_names()]
-    return sorted(files, key=lambda f: (f.name, f.where))
-
-
-def _known_names() -> str:
-    local = local_names()
-    return (f"in ./{LOCAL_DIR}: {', '.join(local)}; " if local else "") + f"shipped: {', '.join(shipped_names())}"
-
-
-def _did_you_mean(name: str, names: list[str]) -> str:
-    hint = difflib.get_close_matches(name, names, n=1)
-    return f" (did you mean {hint[0]}?)" if hint else ""
-
-
-def _looks_like_path(name_or_path: str) -> bool:
-    return name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or "\\" in name_or_path
-
-
-def resolve(name_or_path: str) -> Path:
-    """``./search_spaces/NAME.yaml``, else the shipped NAME; a file path (a ``/`` or ``.yaml``/``.yml``) as it is."""
-    if _looks_like_path(name_or_path):
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
-            raise SpaceError(f"search space file {name_or_path} does not exist: pass a .yaml file or a space name "
-                             f"({_known_names()})")
-        return path
-    for folder in (local_dir(), shipped_dir()):
-        if (folder / f"{name_or_path}.yaml").is_file():
-            return folder / f"{name_or_path}.yaml"
-    raise SpaceError(f"unknown search space {name_or_path!r}"
-                     f"{_did_you_mean(name_or_path, local_names() + shipped_names())}: known spaces are "
-                     f"{_known_names()}; or pass a path to a .yaml file")
-
-
-def copy_shipped(name: str, *, force: bool = False) -> Path:
-    """Write the shipped space ``name`` to ``./search_spaces/NAME.yaml``, a start for one's own; never overwrites
-    unless ``force``."""
-    source = shipped_dir() / f"{name}.yaml"
-    if _looks_like_path(name) or not source.is_file():
-        raise SpaceError(f"no shipped search space {name!r}{_did_you_mean(name, shipped_names())}: copy one of "
-                         f"{', '.join(shipped_names())}")
-    target = local_dir() / f"{name}.yaml"
-    if target.exists() and not force:
-        raise SpaceError(f"{target} already exists: edit it, or pass --force to overwrite it with the shipped {name}")
-    try:
-        target.parent.mkdir(exist_ok=True)
-        target.write_text(source.read_text())
-    except OSError as exc:
-        raise SpaceError(f"cannot write {target}: {exc.strerror}") from None
-    return target
+from allconv_cli.space_files import SpaceError, did_you_mean, resolve
 
 
 def _product(sizes: Any) -> int | None:
     """The product of ``sizes``, None if one of them is None (countless)."""
-    total = 1
-    for size in sizes:
-        if size is None:
-            return None
-        total *= size
-    return total
+    sizes = list(sizes)
+    return None if None in sizes else math.prod(sizes)
 
 
 def case_key(value: Any) -> str:
@@ -309,71 +205,7 @@ DIST_KEYS = {
 }
 DEPENDENT_KEYS = ("depends_on", "cases")
 
-FIXABLE = FIELD_NAMES
 
-
-def _collapse_whitespace(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _base_type(name: str) -> tuple[str, bool]:
-    """``("float", False)`` for ``float``, ``("int", True)`` for ``int | None``."""
-    kind = FIELD_TYPES[name]
-    optional = kind.endswith("| None")
-    return kind.split(" |")[0].strip(), optional
-
-
-def coerce(name: str, value: Any) -> Any:
-    """``value`` as the type of TrainConfig field ``name``; raises ValueError with the reason.
-
-    YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings are accepted for numeric fields.
-    """
-    base, optional = _base_type(name)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name} cannot be null")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{name} is true or false, not {value!r}")
-    if base == "int":
-        if isinstance(value, bool):
-            raise ValueError(f"{name} is an integer, not {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{name} is an integer, not {value!r}")
-    if base == "float":
-        if isinstance(value, bool):
-            raise ValueError(f"{name} is a number, not {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{name} is a number, not {value!r}")
-    if base == "str":
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{name} is a string, not {value!r}")
-    if base.startswith("tuple"):
-        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return tuple(value)
-        raise ValueError(f"{name} is a list of integers, not {value!r}")
-    raise ValueError(f"{name} cannot be set in a search space")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# loading (space_files finds the file: ./search_spaces first, then the shipped ones)
 
 
 def load_path(path: Path) -> SearchSpace:
@@ -390,14 +222,10 @@ def load(name_or_path: str) -> SearchSpace:
     return load_path(resolve(name_or_path))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# parsing and validation
 
 
 def _unknown_key_message(where: str, key: Any, allowed: tuple[str, ...] | list[str], what: str = "key") -> str:
-    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
-    did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
-    return f"{where}: unknown {what} {key!r}{did_you_mean}: allowed are {', '.join(allowed)}"
+    return f"{where}: unknown {what} {key!r}{did_you_mean(str(key), list(allowed))}: allowed are {', '.join(allowed)}"
 
 
 def parse(text: str, *, source: str = "<string>", name: str = "custom") -> SearchSpace:
@@ -409,7 +237,7 @@ def parse(text: str, *, source: str = "<string>", name: str = "custom") -> Searc
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpaceError(f"{where}: not valid YAML{at}: {_collapse_whitespace(problem)}") from None
+        raise SpaceError(f"{where}: not valid YAML{at}: {' '.join(str(problem).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -449,13 +277,9 @@ def _parse_fixed(where: str, fixed: Any) -> dict[str, Any]:
         raise SpaceError(f"{where}: fixed must be a mapping of hyperparameter -> value")
     out: dict[str, Any] = {}
     for key, value in fixed.items():
-        if key not in FIXABLE:
-            raise SpaceError(_unknown_key_message(f"{where}: fixed", key, FIXABLE, "hyperparameter"))
-        try:
-            out[key] = coerce(key, value)
-        except ValueError as exc:
-            raise SpaceError(f"{where}: fixed.{key}: {exc}") from None
-        _check_value(f"{where}: fixed.{key}", key, out[key])
+        if key not in FIELD_NAMES:
+            raise SpaceError(_unknown_key_message(f"{where}: fixed", key, FIELD_NAMES, "hyperparameter"))
+        out[key] = _value(f"{where}: fixed.{key}", key, value)
     return out
 
 
@@ -467,6 +291,16 @@ def _check_value(where: str, name: str, value: Any) -> None:
         raise SpaceError(f"{where}: {message}")
 
 
+def _value(where: str, name: str, raw: Any) -> Any:
+    """``raw`` as field ``name``'s type, and allowed by its range; one SpaceError line naming ``where`` otherwise."""
+    try:
+        value = coerce(name, raw)
+    except ValueError as exc:
+        raise SpaceError(f"{where}: {exc}") from None
+    _check_value(where, name, value)
+    return value
+
+
 def _parse_param(where: str, name: str, spec: Any) -> Param:
     at = f"{where}: params.{name}"
     if not isinstance(spec, dict):
@@ -475,7 +309,7 @@ def _parse_param(where: str, name: str, spec: Any) -> Param:
     if "depends_on" in spec or "cases" in spec:
         parent = spec.get("depends_on")
         if parent not in FIELD_TYPES or parent == name:
-            others = [f for f in FIXABLE if f != name]
+            others = [f for f in FIELD_NAMES if f != name]
             raise SpaceError(_unknown_key_message(f"{at}.depends_on", parent, others, "hyperparameter"))
         cases = spec.get("cases")
         if not isinstance(cases, dict) or not cases:
@@ -483,31 +317,23 @@ def _parse_param(where: str, name: str, spec: Any) -> Param:
         base = {k: v for k, v in spec.items() if k not in DEPENDENT_KEYS}
         parsed: dict[str, Dist | Any] = {}
         for raw_key, case in cases.items():
-            try:
-                parent_value = coerce(parent, raw_key)
-            except ValueError as exc:
-                raise SpaceError(f"{at}.cases.{raw_key}: {exc}") from None
-            _check_value(f"{at}.cases.{raw_key}", parent, parent_value)  # a case no config can reach
-            key = case_key(parent_value)
+            where_case = f"{at}.cases.{raw_key}"
+            key = case_key(_value(where_case, parent, raw_key))  # a case no config can reach is refused
             if isinstance(case, dict):
-                parsed[key] = _parse_dist(f"{at}.cases.{raw_key}", name, {**base, **case})
+                parsed[key] = _parse_dist(where_case, name, {**base, **case})
+            elif base:
+                raise SpaceError(f"{where_case}: a plain value cannot be combined with {', '.join(base)} (give a "
+                                 "mapping, or drop them)")
             else:
-                if base:
-                    raise SpaceError(f"{at}.cases.{raw_key}: a plain value cannot be combined with "
-                                     f"{', '.join(base)} (give a mapping, or drop them)")
-                try:
-                    parsed[key] = coerce(name, case)
-                except ValueError as exc:
-                    raise SpaceError(f"{at}.cases.{raw_key}: {exc}") from None
-                _check_value(f"{at}.cases.{raw_key}", name, parsed[key])
+                parsed[key] = _value(where_case, name, case)
         return Param(name=name, depends_on=parent, cases=parsed)
     return Param(name=name, dist=_parse_dist(at, name, spec))
 
 
 def _number(at: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SpaceError(f"{at}.{key}: {value!r} is not a number")
     try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
         number = float(value)
     except ValueError:
         raise SpaceError(f"{at}.{key}: {value!r} is not a number") from None
@@ -523,19 +349,14 @@ def _parse_dist(at: str, name: str, spec: dict[str, Any]) -> Dist:
     for key in spec:
         if key not in DIST_KEYS[kind]:
             raise SpaceError(_unknown_key_message(f"{at} ({kind})", key, DIST_KEYS[kind]))
-    base, _ = _base_type(name)
+    base = field_type(name)[0].__name__
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{at}.choices: give a non-empty list of values")
-        try:
-            values = tuple(coerce(name, c) for c in choices)
-        except ValueError as exc:
-            raise SpaceError(f"{at}.choices: {exc}") from None
+        values = tuple(_value(f"{at}.choices", name, c) for c in choices)
         if len(set(map(case_key, values))) != len(values):
             raise SpaceError(f"{at}.choices: {choices} has duplicates")
-        for value in values:
-            _check_value(f"{at}.choices", name, value)
         return Dist("categorical", choices=values)
     if base != kind:
         allowed = "categorical" if base not in ("int", "float") else f"{base} or categorical"

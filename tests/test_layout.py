@@ -100,7 +100,7 @@ def test_the_rules_see_the_package() -> None:
     assert len(SOURCES) > 20
     targets = {(imp.module, imp.target) for imp in IMPORTS}
     assert ("allconv_cli.cli.spaces_cmd", "allconv_cli.cli") in targets
-    assert ("allconv_cli.spaces", "allconv_cli.config") in targets
+    assert ("allconv_cli.spaces", "allconv_cli.space_files") in targets
     assert any(imp.module == "allconv_cli.engine" and imp.target == "torch" and imp.top_level for imp in IMPORTS)
 
 
@@ -215,6 +215,7 @@ def test_wheel_ships_the_search_spaces(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"allconv_cli/search_spaces/{p.name}" for p in (ROOT / "search_spaces").glob("*.yaml")}
     assert len(shipped) >= 4 and shipped <= names, sorted(shipped - names)
+    assert {"allconv_cli/cli/__init__.py", "allconv_cli/space_files.py"} <= names
     packages = {str(p.parent.relative_to(ROOT)) for p in PACKAGE.rglob("__init__.py")}
     assert {f"{p}/__init__.py" for p in packages} <= names, "pyproject.toml lists every package"
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "benchmarks/"))]

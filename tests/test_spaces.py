@@ -11,7 +11,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from allconv_cli import spaces
+from allconv_cli import space_files, spaces
 from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
 from allconv_cli.search.distinct import make_sampler
@@ -30,7 +30,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("name", ["default", "paper", "bn-dropout", "optimizer"])
 def test_shipped_spaces_are_valid_and_described(name: str) -> None:
-    assert name in spaces.shipped_names()
+    assert name in space_files.shipped_names()
     space = spaces.load(name)
     assert space.description and "\n" not in space.description
     assert space.source.endswith(f"search_spaces/{name}.yaml")
@@ -219,7 +219,7 @@ def test_local_space_is_found_first_and_shadows_a_shipped_name(userdir: Path) ->
     mine = spaces.load("mine")
     assert mine.name == "mine" and mine.source == "search_spaces/mine.yaml" and mine.description == "my lr range"
     assert spaces.load("paper").description == "my paper", "the local file shadows the shipped name"
-    assert spaces.load("default").source == str(spaces.shipped_dir() / "default.yaml"), "shipped ones still work"
+    assert spaces.load("default").source == str(space_files.shipped_dir() / "default.yaml"), "shipped ones still work"
     assert spaces.load("search_spaces/mine.yaml").sha == mine.sha, "a path still works"
     code, out, _ = run_cli("spaces", "show", "mine")
     assert code == 0 and out.startswith("# search_spaces/mine.yaml\n") and "low: 0.02" in out

@@ -19,13 +19,13 @@ def spaces_command(ctx: click.Context) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from allconv_cli import spaces
+    from allconv_cli import space_files, spaces
 
     table = Table(title="allconv search spaces (allconv search --space NAME)")
     for column in ("name", "where", "sampler", "trials", "description"):
         table.add_column(column, overflow="fold")
     notes = []
-    for entry in spaces.named_spaces():
+    for entry in space_files.named_spaces():
         where = "shipped (shadowed)" if entry.shadowed else entry.where
         try:
             space = spaces.load_path(entry.path)
@@ -35,13 +35,13 @@ def spaces_command(ctx: click.Context) -> None:
         size = space.grid_size()
         table.add_row(entry.name, where, space.sampler, "any" if size is None else str(size), Text(space.description))
         if entry.shadowed:
-            notes.append(f"note: {spaces.local_dir() / entry.path.name} shadows the shipped space {entry.name}: "
+            notes.append(f"note: {space_files.local_dir() / entry.path.name} shadows the shipped space {entry.name}: "
                          f"--space {entry.name} uses the local file")
     Console().print(table)
     for note in notes:
         click.echo(note)
-    if not spaces.local_names():
-        click.echo(f"Your own spaces go in ./{spaces.LOCAL_DIR}/NAME.yaml; `allconv spaces copy NAME` starts one "
+    if not space_files.local_names():
+        click.echo(f"Your own spaces go in ./{space_files.LOCAL_DIR}/NAME.yaml; `allconv spaces copy NAME` starts one "
                    "from a shipped space.")
 
 
@@ -61,7 +61,7 @@ def spaces_show_command(name: str) -> None:
 @click.option("--force", is_flag=True, help="Overwrite ./search_spaces/NAME.yaml if it exists.")
 def spaces_copy_command(name: str, force: bool) -> None:
     """Write the shipped search space NAME to ./search_spaces/NAME.yaml, to edit; `--space NAME` then uses it."""
-    from allconv_cli import spaces
+    from allconv_cli import space_files
 
-    target = spaces.copy_shipped(name, force=force)
+    target = space_files.copy_shipped(name, force=force)
     click.echo(f"wrote {target} (the shipped {name}); edit it, then: allconv search --space {name} ...")

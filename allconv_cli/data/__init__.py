@@ -35,6 +35,7 @@ __all__ = [
     "DATASETS",
     "NUM_CLASSES",
     "PREPROCESSINGS",
+    "DataCache",
     "DataConfig",
     "Dataset",
     "Preprocessor",
@@ -150,3 +151,28 @@ def load_onto(cfg: DataConfig, device: torch.device | str) -> Dataset:
     device = torch.device(device)
     return load_dataset(cfg, device=device).to(device, channels_last=True)
 
+
+
+class DataCache:
+    """The last dataset loaded, on its device: a process that trains many runs on the same data (a search worker,
+    ``allconv reproduce``) loads and preprocesses it once."""
+
+    def __init__(self) -> None:
+        self.key: tuple[DataConfig, torch.device] | None = None
+        self.data: Dataset | None = None
+        self.checked: set[DataConfig] = set()
+
+    def get(self, cfg: DataConfig, device: torch.device | str) -> Dataset:
+        key = (cfg, torch.device(device))
+        if key != self.key or self.data is None:
+            self.data = None  # free the old one first
+            self.data, self.key = load_onto(cfg, key[1]), key
+            self.checked.add(cfg)
+        return self.data
+
+    def check(self, cfg: DataConfig) -> None:
+        """Load ``cfg``'s data once on the CPU and drop it: data errors surface, the ZCA fit lands in its disk cache
+        (so worker processes do not all fit it at once), and no device memory stays taken."""
+        if cfg not in self.checked:
+            load_onto(cfg, "cpu")
+            self.checked.add(cfg)

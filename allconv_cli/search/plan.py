@@ -106,7 +106,6 @@ def parse_sets(overrides: Sequence[str]) -> dict[str, Any]:
     """``--set key=value``: the value is read as YAML (numbers, true/false, lists), then typed by the field."""
     import yaml
 
-    from allconv_cli import spaces
 
     out: dict[str, Any] = {}
     for item in overrides:
@@ -119,7 +118,7 @@ def parse_sets(overrides: Sequence[str]) -> dict[str, Any]:
             raise AllconvError(f"--set {item!r}: unknown hyperparameter {key!r}: allowed are {allowed}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-            out[key] = spaces.coerce(key, value)
+            out[key] = config.coerce(key, value)
         except (yaml.YAMLError, ValueError) as exc:
             raise AllconvError(f"--set {item!r}: {' '.join(str(exc).split())}") from None
     return out

@@ -1,12 +1,10 @@
 """One study session, the same for ``allconv search``, each network of ``allconv reproduce`` and each worker process.
 
-:func:`run_study` opens the storage and the study, finds its MLflow parent run, and runs trials until the study holds
-``--trials`` counted trials. A :class:`Worker` runs one trial at a time with Optuna's own ``study.optimize``, which
-asks (a re-queued trial first), keeps the trial's heartbeat and fails stale trials of lost workers. The
-:class:`Objective` of a trial samples the space, skips values another trial holds and surplus trials, trains the
-config as an MLflow child run (:func:`~allconv_cli.tracked_run.run_tracked`; a retry resumes from its run's last
-checkpoint), reports each epoch for pruning and returns the final validation accuracy. The trial's path:
-``Worker.run -> study.optimize -> Objective.__call__ -> run_tracked -> engine.train``.
+:func:`run_study` opens the storage and the study, finds its MLflow parent run and runs trials until the study holds
+``--trials`` counted trials. A :class:`Worker` runs one trial at a time through Optuna's ``study.optimize`` (it asks,
+a re-queued trial first, beats the trial's heartbeat and fails lost workers' trials); the :class:`Objective` samples,
+skips repeats and surplus trials, and trains the config as an MLflow child run. The trial's path:
+``Worker.run -> study.optimize -> Objective.__call__ -> tracked_run.run_tracked -> engine.train``.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import os
 import signal
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,30 +28,12 @@ from rich.console import Console
 
 from allconv_cli import runtime
 from allconv_cli.config import TrainConfig
-from allconv_cli.data import DataConfig, Dataset, load_onto
+from allconv_cli.data import DataCache, Dataset
 from allconv_cli.engine import EpochMetrics, Hooks, TrainResult, resolve_device
 from allconv_cli.errors import AllconvError, StoreUnavailable, first_line
-from allconv_cli.search import launcher, parent
-from allconv_cli.search.budget import (
-    INTERRUPTED,
-    STORE_FAULT,
-    Counts,
-    count_trials,
-    retry_history,
-    retryable,
-    surplus_reason,
-)
+from allconv_cli.search import budget, launcher, parent, storage
 from allconv_cli.search.distinct import repeated
 from allconv_cli.search.plan import SearchSettings, StudyRun
-from allconv_cli.search.storage import (
-    create_or_load_study,
-    is_local_file,
-    is_transient,
-    load_study,
-    open_storage,
-    requeue_stopped,
-    with_retries,
-)
 from allconv_cli.search.view import SearchView
 from allconv_cli.stores import safe_url
 from allconv_cli.tracked_run import run_tracked
@@ -72,14 +51,6 @@ class TrialFailed(Exception):
     """The trial's own training failed (out of memory, no objective value): FAIL and counted; the study goes on."""
 
 
-def quiet_libraries() -> None:
-    """Silence what would tear the live view: Optuna's warnings about experimental features used knowingly and its
-    per-trial log lines (we print our own), and MLflow's settings (runtime.configure), also without the CLI."""
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    runtime.configure()
-
-
 @dataclass(frozen=True)
 class StudyOutcome:
     """How a session ended."""
@@ -87,7 +58,7 @@ class StudyOutcome:
     run: StudyRun
     study: optuna.Study
     state: StudyState
-    counts: Counts
+    counts: budget.Counts
     ran: bool  # this session ran trials (False: there was nothing left for it)
     summary: dict[str, Any] | None  # what was logged to the parent run (None: no summary for this study)
     trials_seconds: float = 0.0
@@ -102,21 +73,22 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     cluster's one-off job before its workers). ``summarize_only`` runs no trial and creates nothing: it logs the
     summary of an existing study. ``data`` lets the sessions of one process share the loaded dataset.
     """
-    quiet_libraries()
+    runtime.quiet_optuna()
+    runtime.configure()
     data = data if data is not None else DataCache()
     trains = not (summarize_only or prepare_only)
     # the data before a SQLite file is created (a data error leaves no empty optuna.db), after a server database
     # answered (an unreachable one is reported at once, not after loading the data)
-    file_storage = is_local_file(settings.storage_url)
+    file_storage = storage.is_local_file(settings.storage_url)
     if trains and file_storage:
         preload_data(settings, data)
-    storage = open_storage(settings)
+    rdb = storage.open_storage(settings)
     if summarize_only:  # only reads: it must not create an empty study under a mistyped name
-        study, creator = load_study(settings, storage), True
+        study, creator = storage.load_study(settings, rdb), True
     else:
         if trains and not file_storage:
             preload_data(settings, data)
-        study, creator = create_or_load_study(settings, storage)
+        study, creator = storage.create_or_load_study(settings, rdb)
     parent_id = parent.ensure_parent_run(study, settings, creator=creator)
     run = StudyRun(settings, parent_id, parent.experiment_of(parent_id, settings.experiment, console))
     started = time.perf_counter()
@@ -132,15 +104,15 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     summarized = summarize_only or (trains and state != StudyState.PENDING)
     if summarized and settings.objective == "val_accuracy":  # its labels say val accuracy
         summary = parent.summarize(study, run, console)
-    return StudyOutcome(run, study, state, count_trials(study.get_trials(deepcopy=False)), ran, summary,
+    return StudyOutcome(run, study, state, budget.count_trials(study.get_trials(deepcopy=False)), ran, summary,
                         trials_done - started, time.perf_counter() - trials_done)
 
 
 def _run_trials(run: StudyRun, study: optuna.Study, console: Console, data: DataCache) -> tuple[StudyState, bool]:
     """Re-queue stopped trials, say what happens, run the trials between opening and closing the parent run."""
     settings, target = run.settings, run.settings.trials
-    requeued = requeue_stopped(study)
-    c = count_trials(study.get_trials(deepcopy=False))
+    requeued = storage.requeue_stopped(study)
+    c = budget.count_trials(study.get_trials(deepcopy=False))
     where = safe_url(settings.storage_url)
     if c.finished or c.running or c.waiting:
         extra = f"; re-queued interrupted trial(s) {', '.join(map(str, requeued))}" if requeued else ""
@@ -162,7 +134,7 @@ def _run_trials(run: StudyRun, study: optuna.Study, console: Console, data: Data
     try:
         state = _run_workers(run, study, console, data)
         if state not in (StudyState.INTERRUPTED, StudyState.EXHAUSTED):
-            done = count_trials(study.get_trials(deepcopy=False)).finished >= target
+            done = budget.count_trials(study.get_trials(deepcopy=False)).finished >= target
             state = StudyState.COMPLETE if done else StudyState.TIMEOUT if settings.wait_for_others \
                 else StudyState.PENDING
     except KeyboardInterrupt:
@@ -186,39 +158,14 @@ def run_worker_process(plan_path: str, index: int) -> int:
     # The launcher forwards Ctrl-C as SIGINT; a launcher started in the background (SIGINT ignored) must not pass
     # that on to its workers, or they could never be interrupted cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    quiet_libraries()
+    runtime.quiet_optuna()
+    runtime.configure()
     run = StudyRun.from_json(Path(plan_path).read_text())
-    study = load_study(run.settings, open_storage(run.settings))
+    study = storage.load_study(run.settings, storage.open_storage(run.settings))
     console = Console(width=160)
     state = Worker(run, study, console).run()
     console.print(f"worker {index} (pid {os.getpid()}): {state}")
     return 130 if state == StudyState.INTERRUPTED else 0
-
-
-class DataCache:
-    """The dataset of the last config, on its device: loaded once per process, reused by every trial that needs it."""
-
-    def __init__(self) -> None:
-        self.key: tuple[DataConfig, Any] | None = None
-        self.data: Dataset | None = None
-        self.checked: set[DataConfig] = set()
-
-    def get(self, cfg: TrainConfig) -> Dataset:
-        key = (cfg.data_config(), resolve_device(cfg.device))
-        if key != self.key or self.data is None:
-            self.data = None  # free the old one first
-            self.data = load_onto(key[0], key[1])
-            self.key = key
-            self.checked.add(key[0])
-        return self.data
-
-    def check(self, cfg: TrainConfig) -> None:
-        """Load ``cfg``'s data once on the CPU and drop it: data errors surface, the ZCA fit lands in its disk cache
-        (so worker processes do not all fit it at once), and no device memory stays taken."""
-        data_cfg = cfg.data_config()
-        if data_cfg not in self.checked:
-            load_onto(data_cfg, "cpu")
-            self.checked.add(data_cfg)
 
 
 def preload_data(settings: SearchSettings, cache: DataCache) -> None:
@@ -228,9 +175,9 @@ def preload_data(settings: SearchSettings, cache: DataCache) -> None:
         return
     cfg = TrainConfig(**settings.base_config)
     if settings.workers <= 1:
-        cache.get(cfg)
+        cache.get(cfg.data_config(), resolve_device(cfg.device))
     else:
-        cache.check(cfg)
+        cache.check(cfg.data_config())
 
 
 class Worker:
@@ -249,11 +196,11 @@ class Worker:
         target, deadline = self.settings.trials, self.run_.deadline
         try:
             if not self.objective.space.varies_data:  # data errors surface before any trial is created
-                self.data.get(TrainConfig(**self.objective.base))
+                self.objective.data_for(TrainConfig(**self.objective.base))
             waited, repeats = False, 0
             while deadline is None or time.time() < deadline:
-                requeue_stopped(self.study)  # a trial another worker stopped (a cluster's SIGTERM) resumes here
-                c = count_trials(self.study.get_trials(deepcopy=False))
+                storage.requeue_stopped(self.study)  # a trial another worker stopped (a cluster's SIGTERM) resumes here
+                c = budget.count_trials(self.study.get_trials(deepcopy=False))
                 if c.waiting == 0 and c.reserved >= target:  # every place is taken
                     if not c.running:
                         return StudyState.COMPLETE
@@ -305,50 +252,30 @@ class Worker:
         """After ``optimize`` raised for a store outage (in the trial or in telling it) or because another worker
         had declared the trial lost: settle the trial so that it counts once, or is retried from its checkpoint."""
         obj = self.objective
-        store_fault = is_transient(exc) or isinstance(exc, StoreUnavailable)
+        store_fault = storage.is_transient(exc) or isinstance(exc, StoreUnavailable)
         if obj.number is None:  # asking for a trial failed: nothing was created
             if not store_fault:
                 raise exc
             time.sleep(self.poll)
             return
-        trial = with_retries(obj.stored)
+        trial = storage.with_retries(obj.stored)
         if trial.state == TrialState.RUNNING and obj.verdict is not None:  # the result never reached the storage
             state, value = obj.verdict
-            with_retries(self.study.tell, obj.number, value, state=state, skip_if_finished=True)
-            trial = with_retries(obj.stored)
-        lost = not store_fault and trial.state.is_finished() and not retryable(trial)
+            storage.with_retries(self.study.tell, obj.number, value, state=state, skip_if_finished=True)
+            trial = storage.with_retries(obj.stored)
+        lost = not store_fault and trial.state.is_finished() and not budget.retryable(trial)
         obj.mirror(trial, "declared lost (no heartbeat within the grace period) while still running; its retry "
                           "replaces it" if lost else None)
-        if retryable(trial):  # the loop re-queues it before the next trial
+        if budget.retryable(trial):  # the loop re-queues it before the next trial
             self.console.print(f"trial {trial.number}: {first_line(exc)}; it resumes from its last checkpoint",
                                highlight=False)
         elif not trial.state.is_finished() and not store_fault:
             raise exc
 
 
-class TrialHooks(Hooks):
-    """Report each epoch's validation accuracy to Optuna and stop the run when the pruner says so."""
-
-    def __init__(self, trial: optuna.Trial) -> None:
-        self.trial = trial
-        self.starts = 0  # > 1: a restart after a collapse, whose epochs Optuna already holds from the dead attempt
-
-    def on_start(self, cfg: TrainConfig, model: Any, start_epoch: int) -> None:
-        self.starts += 1
-
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        if metrics.val_accuracy is not None and self.starts <= 1:
-            self.trial.report(metrics.val_accuracy, metrics.epoch)
-
-    def should_stop(self, metrics: EpochMetrics) -> str | None:
-        # a restart is not judged on the dead attempt's reports (Optuna keeps the first value of each step)
-        if metrics.val_accuracy is not None and self.starts <= 1 and self.trial.should_prune():
-            return Status.PRUNED
-        return None
-
-
-class Objective:
-    """What ``study.optimize`` calls for one trial: sample, skip or train, and return the objective value."""
+class Objective(Hooks):
+    """What ``study.optimize`` calls for one trial: sample, skip or train, and return the objective value; while the
+    trial trains, it reports each epoch's validation accuracy to Optuna and stops the run when the pruner says so."""
 
     def __init__(self, run: StudyRun, study: optuna.Study, console: Console, view: SearchView | None,
                  data: DataCache) -> None:
@@ -365,6 +292,22 @@ class Objective:
         self.run_id: str | None = None  # its MLflow run (the last attempt's)
         self.outcome = ""  # a Status value, duplicate or surplus
         self.verdict: tuple[TrialState, float | None] | None = None  # what Optuna is to be told
+        self.starts = 0  # > 1: a restart after a collapse, whose epochs Optuna already holds from the dead attempt
+
+    def on_start(self, cfg: TrainConfig, model: Any, start_epoch: int) -> None:
+        self.starts += 1
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        if metrics.val_accuracy is not None and self.starts <= 1 and self.trial is not None:
+            self.trial.report(metrics.val_accuracy, metrics.epoch)
+
+    def should_stop(self, metrics: EpochMetrics) -> str | None:
+        # a restart is not judged on the dead attempt's reports (Optuna keeps the first value of each step)
+        pruned = metrics.val_accuracy is not None and self.starts <= 1 and self.trial and self.trial.should_prune()
+        return Status.PRUNED if pruned else None
+
+    def data_for(self, cfg: TrainConfig) -> Dataset:
+        return self.data.get(cfg.data_config(), resolve_device(cfg.device))
 
     def stored(self) -> FrozenTrial:
         return next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.number)
@@ -382,16 +325,16 @@ class Objective:
         except (Skipped, TrialFailed, optuna.TrialPruned):
             raise
         except KeyboardInterrupt:
-            self._stopped(INTERRUPTED, Status.INTERRUPTED)
+            self._stopped(budget.INTERRUPTED, Status.INTERRUPTED)
             raise
         except Exception as exc:
             raise self._classify(exc) from exc
 
     def _run(self, trial: optuna.Trial) -> float:
         trials = self.study.get_trials(deepcopy=False)
-        self._skip_unless(surplus_reason(trials, trial.number, self.settings.trials), TrialAttr.SURPLUS, True)
+        self._skip_unless(budget.surplus_reason(trials, trial.number, self.settings.trials), TrialAttr.SURPLUS, True)
         frozen = next(t for t in trials if t.number == trial.number)
-        history = retry_history(frozen)
+        history = budget.retry_history(frozen)
         trial.set_user_attr(TrialAttr.WORKER, self.who)
         if history:
             trial.set_user_attr(TrialAttr.RETRY_OF, history[0])
@@ -419,8 +362,8 @@ class Objective:
     def _classify(self, exc: Exception) -> Exception:
         """The exception ``optimize`` sees: a store outage (the trial is re-queued, not counted), the user's error
         (the search stops; the trial takes no place), or the trial's own failure (counted; the study goes on)."""
-        if isinstance(exc, StoreUnavailable) or is_transient(exc):
-            self._stopped(f"{STORE_FAULT}: {first_line(exc)}", Status.INTERRUPTED)
+        if isinstance(exc, StoreUnavailable) or storage.is_transient(exc):
+            self._stopped(f"{budget.STORE_FAULT}: {first_line(exc)}", Status.INTERRUPTED)
             return exc
         if isinstance(exc, AllconvError):
             self.note(TrialAttr.USER_ERROR, True)
@@ -433,7 +376,7 @@ class Objective:
 
     def _train(self, trial: optuna.Trial, cfg: TrainConfig, history: list[int],
                previous_run: str | None) -> TrainResult:
-        data = self.data.get(cfg)
+        data = self.data_for(cfg)
         tags = {Tag.ROLE: Role.TRIAL, Tag.STUDY_NAME: self.settings.study_name,
                 Tag.STUDY_UID: self.study.user_attrs.get(StudyAttr.STUDY_UID, ""),
                 Tag.TRIAL_NUMBER: str(trial.number), Tag.TRIAL_STATE: "running",
@@ -445,7 +388,7 @@ class Objective:
         outcome = run_tracked(
             cfg, experiment=self.run_.experiment, run_name=f"trial-{trial.number:03d}",
             parent_run_id=self.run_.parent_run_id, tags=tags, checkpoint_from_run=previous_run,
-            restart_on_bad_checkpoint=True, hooks=[TrialHooks(trial), *([self.view] if self.view else [])],
+            restart_on_bad_checkpoint=True, hooks=[self, *([self.view] if self.view else [])],
             data=data, log_model=False, on_run_created=partial(self._created, trial, previous_run),
         )
         if outcome.resumed_from_epoch:
@@ -473,7 +416,7 @@ class Objective:
                 return value
             reason = f"no {'test' if test else 'validation'} accuracy"
         elif status == Status.INTERRUPTED:
-            self._stopped(INTERRUPTED, status)
+            self._stopped(budget.INTERRUPTED, status)
             raise KeyboardInterrupt
         elif status == Status.PRUNED:
             reason = f"pruned by the {self.settings.pruner} pruner after epoch {result.epochs_completed}"
@@ -496,6 +439,6 @@ class Objective:
             trial = trial or self.stored()
             tags = {Tag.TRIAL_STATE: trial_state_name(trial.state.name)}
             reason = reason or str(trial.user_attrs.get(TrialAttr.REASON, ""))
-            if reason and reason != INTERRUPTED:  # the engine's own reason says more (which epoch)
+            if reason and reason != budget.INTERRUPTED:  # the engine's own reason says more (which epoch)
                 tags[Tag.REASON] = reason
             store.try_set_tags(trial.user_attrs.get(TrialAttr.MLFLOW_RUN_ID) or self.run_id, tags)
