@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo lint bench-search docker-test
+.PHONY: install test test-fast demo lint bench-search docker-test k8s-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,3 +39,8 @@ bench-search: install
 # the reason where no Docker engine can run.
 docker-test:
 	bash scripts/docker-test.sh
+
+# deploy/k8s validated offline and strictly against the Kubernetes schema tests/test_k8s.py pins (kubernetes-validate
+# ships the schemas), its wiring, and the worker command compared with docker-compose.yml and deploy/slurm; no cluster.
+k8s-test: install
+	$(PY) -m pytest -q tests/test_k8s.py
