@@ -41,6 +41,8 @@ from allconv_cli.stores import safe_url
 DB_USER = "allconv"
 DATABASES = ("optuna", "mlflow")
 MLFLOW_ADMIN = "admin"
+AUTH_CONFIG = Path(__file__).resolve().parents[1] / "scripts" / "mlflow-auth.ini"  # as docker-compose.yml, deploy/k8s
+
 
 
 class ServiceError(RuntimeError):
@@ -247,9 +249,9 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1:``port`` with ``backend_uri`` as its store and artifacts served by itself.
 
     The backend URI (it may hold a password) reaches the server through ``MLFLOW_BACKEND_STORE_URI``, never its
-    command line. ``auth=True`` runs MLflow's basic-auth app, as docker-compose.yml and deploy/k8s do: the admin
-    ``MLFLOW_ADMIN`` with a generated ``admin_password``, the users in ``basic_auth.db`` in ``root`` (MLflow's default
-    store, relative to the server's working folder); :meth:`add_user` creates the workers' user."""
+    command line. ``auth=True`` runs MLflow's basic-auth app, as docker-compose.yml and deploy/k8s do, with their
+    settings (``AUTH_CONFIG``): the admin ``MLFLOW_ADMIN`` with a generated ``admin_password``, the users in
+    ``basic_auth.db`` in ``root`` (the server's working folder); :meth:`add_user` creates the workers' user."""
 
     def __init__(self, backend_uri: str, root: Path, port: int | None = None, workers: int = 2, *,
                  auth: bool = False) -> None:
@@ -280,7 +282,8 @@ class MlflowServer:
         """The settings the server reads from its environment: those holding secrets."""
         env = {"MLFLOW_BACKEND_STORE_URI": self.backend_uri}
         if self.auth:
-            env.update(MLFLOW_AUTH_ADMIN_USERNAME=MLFLOW_ADMIN, MLFLOW_AUTH_ADMIN_PASSWORD=str(self.admin_password),
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(AUTH_CONFIG), MLFLOW_AUTH_ADMIN_USERNAME=MLFLOW_ADMIN,
+                       MLFLOW_AUTH_ADMIN_PASSWORD=str(self.admin_password),
                        MLFLOW_FLASK_SERVER_SECRET_KEY=self._flask_key)
         return env
 

@@ -10,6 +10,7 @@ worker entrypoint script by running it. Building the image and running container
 
 from __future__ import annotations
 
+import configparser
 import fnmatch
 import json
 import os
@@ -271,6 +272,14 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
     assert option_value(mlflow_args, "--app-name") == "basic-auth"
     assert any(v.split(":")[1] == instructions("WORKDIR")[-1] for v in services["mlflow"]["volumes"])
     assert not instructions("WORKDIR")[-1].startswith(artifacts)
+    # Its settings: the repository's scripts/mlflow-auth.ini, in the image (COPY . . into /opt/allconv).
+    auth_ini = Path(mlflow_env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert auth_ini.parent.parent == Path("/opt/allconv") and not dockerignored(f"scripts/{auth_ini.name}")
+    settings = configparser.ConfigParser()
+    settings.read(ROOT / "scripts" / auth_ini.name)
+    assert settings["mlflow"]["admin_username"] == mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert settings["mlflow"]["database_uri"] == "sqlite:///basic_auth.db", "in the working folder, on its volume"
+    assert "admin_password" not in settings["mlflow"] and int(settings["mlflow"]["auth_cache_ttl_seconds"]) > 0
 
     worker = services["worker"]
     args = worker["command"]
@@ -386,6 +395,9 @@ def test_compose_mlflow_command_parses_with_mlflow_and_matches_the_ci_sequence(c
     assert "--backend-store-uri" not in ci_flags, "the backend URI (it holds the password) is in the environment"
     assert ci_flags - {"--workers"} <= given
     assert set(ci_server.environment()) <= set(mlflow["environment"])
+    ci_ini = Path(ci_server.environment()["MLFLOW_AUTH_CONFIG_PATH"])
+    image_ini = Path(mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"])
+    assert ci_ini.relative_to(ROOT) == image_ini.relative_to("/opt/allconv"), "the same auth settings as compose"
     assert urlsplit(ci_server.environment()["MLFLOW_BACKEND_STORE_URI"]).scheme == "postgresql+psycopg"
     assert option_value(ci_args, "--app-name") == option_value(args, "--app-name") == "basic-auth"
     assert ctx.params["host"] == "0.0.0.0"

@@ -251,6 +251,9 @@ def test_mlflow_server_parses_with_mlflow_and_answers_the_workers() -> None:
     flags = {a for a in mlflow["args"] if a.startswith("--")}
     assert flags == {a for a in compose["command"] if a.startswith("--")}
     assert set(env) == set(compose["environment"])
+    for key, value in env.items():
+        if not value.startswith("secret:"):
+            assert value == compose["environment"][key], key
 
 
 def test_prepare_job_creates_the_workers_user_first() -> None:
