@@ -349,7 +349,8 @@ def test_prepare_command_parses_with_the_real_cli(monkeypatch: pytest.MonkeyPatc
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     ctx = parse_allconv(substituted(prepare["args"], env))
-    assert ctx.params["prepare"] is True
+    (flag,) = [p for p in search_command().params if "--prepare" in p.opts]
+    assert ctx.params[flag.name] is True and ctx.params["study_name"] == env["STUDY"]
 
 
 def sbatch_search_args(text: str) -> list[str]:
