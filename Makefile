@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo lint bench-search docker-test slurm-test
+.PHONY: install test test-fast demo lint bench-search docker-test slurm-test k8s-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,3 +45,8 @@ docker-test:
 # array task cancelled mid-trial. Part of `make test` too; this target prints its figures (start-up, trials, wall time).
 slurm-test: install
 	$(PY) -m pytest -q -rP tests/test_slurm.py
+
+# deploy/k8s validated offline and strictly against the Kubernetes schema tests/test_k8s.py pins (kubernetes-validate
+# ships the schemas), its wiring, and the worker command compared with docker-compose.yml and deploy/slurm; no cluster.
+k8s-test: install
+	$(PY) -m pytest -q tests/test_k8s.py

@@ -10,9 +10,11 @@
 #  3. The project image from the same Dockerfile users build, with --build-arg BASE_IMAGE=<the torch stand-in>.
 #  4. Runs: --version, models, a fake-data train as uid 1000 into a mounted folder (then its MLflow run there), one as
 #     another uid stopped by `docker stop` mid-training, and a read-only mount (one line, exit 2).
-#  5. The compose stack (postgres, mlflow, 3 x worker-cpu; tests/docker/compose.test.yml) on a 6-trial fake-data study,
-#     checked through the MLflow server and PostgreSQL (tests/docker/check_study.py); a worker with a user error; a
-#     worker stopped mid-trial; then `down -v`.
+#  5. The compose stack (postgres, mlflow with basic auth, mlflow-user, prepare, 3 x worker-cpu;
+#     tests/docker/compose.test.yml) on a 6-trial fake-data study, checked through the MLflow server and PostgreSQL
+#     (tests/docker/check_study.py); compose refusing a missing secret; the UI published on 127.0.0.1 only, refusing
+#     requests without credentials; no secret on a command line; a worker with a user error; a worker stopped
+#     mid-trial; then `down -v`.
 #
 # Settings: DOCKER_TEST_KEEP=1 keeps the stack, containers and folders after a failure; DEBIAN_MIRROR;
 # DOCKER_TEST_DEBIAN_IMAGE: an existing Debian bookworm image instead of debootstrap (e.g. debian:bookworm where a
@@ -52,7 +54,9 @@ show_log() { tail -n "${2:-25}" "$1" | sed 's/^/    | /'; }
 # ---------------------------------------------------------------------------------------------------------------
 # cleanup: only what this run made
 
-compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f tests/docker/compose.test.yml --profile cpu "$@"; }
+PREPARE_OVERRIDE=()  # tests/docker/compose.no-prepare.yml while the image's `allconv search` has no --prepare
+compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f tests/docker/compose.test.yml \
+    "${PREPARE_OVERRIDE[@]}" --profile cpu "$@"; }
 
 cleanup() {
     local code=$?
@@ -302,29 +306,80 @@ timed runs "$(since "$t")"
 
 t=$(date +%s)
 export DOCKER_TEST_IMAGE=$IMAGE DOCKER_TEST_POSTGRES_IMAGE=$POSTGRES_IMAGE
-POSTGRES_PASSWORD="pw-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
-export POSTGRES_PASSWORD MLFLOW_PORT=127.0.0.1:0 STUDY=docker-test TRIALS=6 EPOCHS=1
+search_help=$(docker run --rm "$IMAGE" search --help)
+if grep -q -e '--prepare' <<< "$search_help"; then
+    say "ok   the image's allconv search has --prepare: the stack prepares the study once, before the workers"
+else
+    PREPARE_OVERRIDE=(-f tests/docker/compose.no-prepare.yml)
+    say "NOTE the image's allconv search has no --prepare yet (issue 19): the \`prepare\` service exits at once (tests/docker/compose.no-prepare.yml) and the workers prepare the study themselves"
+fi
+secret() { printf '%s-%s' "$1" "$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"; }
+SECRET_NAMES=(POSTGRES_PASSWORD MLFLOW_ADMIN_PASSWORD MLFLOW_WORKER_PASSWORD MLFLOW_SECRET_KEY)
+POSTGRES_PASSWORD=$(secret pg) MLFLOW_ADMIN_PASSWORD=$(secret admin) MLFLOW_WORKER_PASSWORD=$(secret worker)
+MLFLOW_SECRET_KEY=$(secret key)
+export "${SECRET_NAMES[@]}" MLFLOW_PORT=0 STUDY=docker-test TRIALS=6 EPOCHS=1
 compose config -q || fail "docker-compose.yml + tests/docker/compose.test.yml are not valid for ${COMPOSE[*]}"
 (unset DOCKER_TEST_IMAGE DOCKER_TEST_POSTGRES_IMAGE; "${COMPOSE[@]}" -f docker-compose.yml config -q) \
     || fail "docker-compose.yml alone is not valid for ${COMPOSE[*]}"
+for name in "${SECRET_NAMES[@]}"; do  # no silent default: compose stops, naming the missing secret
+    if out=$( (unset "$name"; "${COMPOSE[@]}" -f docker-compose.yml config -q) 2>&1 ); then
+        fail "compose accepts docker-compose.yml without $name"
+    fi
+    grep -q -F "set $name" <<< "$out" || fail "compose without $name said '$out', not naming it"
+done
+say "ok   compose refuses the file without any one of ${SECRET_NAMES[*]}, naming it"
 STACK_UP=1
 compose up -d --no-build --scale worker-cpu=3 postgres mlflow worker-cpu > "$LOGS/compose-up.log" 2>&1 \
     || { show_log "$LOGS/compose-up.log"; fail "compose up failed"; }
 up_s=$(since "$t")
-mlflow_port=$(compose port mlflow 5000 | sed 's/.*://')
-# From the host, through the published port (a few tries: the workers' start-up keeps the CPUs busy).
-docker run --rm --network host --entrypoint python "$IMAGE" -c "if 1:
-    import time, urllib.request
+published=$(compose port mlflow 5000)
+mlflow_port=${published##*:}
+[ "${published%:*}" = 127.0.0.1 ] || fail "the MLflow UI is published on '$published', expected 127.0.0.1 only"
+host_ip=$(hostname -I 2> /dev/null | awk '{print $1}')
+# From the host, through the published port (a few tries: the workers' start-up keeps the CPUs busy): /health open,
+# the API only with a user's credentials, and nothing on the host's other addresses. The passwords reach the checking
+# container by name (-e NAME), not on its command line.
+docker run --rm --network host -e MLFLOW_ADMIN_PASSWORD -e MLFLOW_WORKER_PASSWORD --entrypoint python "$IMAGE" -c "if 1:
+    import base64, os, socket, time, urllib.error, urllib.request
+    base = 'http://127.0.0.1:$mlflow_port'
+    def status(path, user=None, password=None):
+        request = urllib.request.Request(base + path)
+        if user:
+            request.add_header('Authorization', 'Basic ' + base64.b64encode(f'{user}:{password}'.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
     for attempt in range(6):
         try:
-            urllib.request.urlopen('http://127.0.0.1:$mlflow_port/health', timeout=15)
+            urllib.request.urlopen(base + '/health', timeout=15)
             break
         except OSError as exc:
             print(f'health check {attempt + 1}: {exc}')
             time.sleep(5)
     else:
-        raise SystemExit(1)" || fail "the MLflow server is not reachable on its published port"
-say "ok   stack up in ${up_s}s (postgres healthy, mlflow healthy on 127.0.0.1:$mlflow_port, 3 workers)"
+        raise SystemExit(1)
+    api = '/api/2.0/mlflow/experiments/search?max_results=1'
+    got = {'no credentials': status(api), 'a wrong password': status(api, 'allconv', 'wrong-password-12'),
+           'the workers user': status(api, 'allconv', os.environ['MLFLOW_WORKER_PASSWORD']),
+           'the admin': status(api, 'admin', os.environ['MLFLOW_ADMIN_PASSWORD'])}
+    print('    API answers:', got)
+    if list(got.values()) != [401, 401, 200, 200]:
+        raise SystemExit('expected 401, 401, 200, 200')
+    if '$host_ip':
+        try:
+            socket.create_connection(('$host_ip', $mlflow_port), timeout=5).close()
+            raise SystemExit('the UI answers on $host_ip too')
+        except OSError:
+            print('    nothing listens on $host_ip:$mlflow_port')" || fail "the MLflow server's published port is not as expected"
+for service in mlflow-user prepare; do
+    c=$(docker ps -a -q --filter "label=com.docker.compose.project=$PROJECT" \
+        --filter "label=com.docker.compose.service=$service" | head -1)
+    [ -n "$c" ] && [ "$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$c")" = "exited 0" ] \
+        || { docker logs "$c" 2>&1 | tail -5; fail "the one-shot $service did not exit 0"; }
+done
+say "ok   stack up in ${up_s}s (postgres, mlflow with basic auth on 127.0.0.1:$mlflow_port only: 401 without credentials, 200 with them; mlflow-user and prepare exited 0; 3 workers)"
 
 mapfile -t workers < <(compose ps -q worker-cpu)
 [ "${#workers[@]}" = 3 ] || fail "${#workers[@]} worker containers, expected 3"
@@ -346,18 +401,19 @@ for w in "${workers[@]}"; do
         || { compose logs --no-color worker-cpu > "$LOGS/workers.log" 2>&1; show_log "$LOGS/workers.log" 30;
              fail "a worker exited with $(docker inspect -f '{{.State.ExitCode}}' "$w")"; }
 done
-# The password is in the services' environment, never on a command line (ps, /proc/*/cmdline, docker inspect's Args).
-for c in $(compose ps -q); do
-    if docker inspect -f '{{.Path}} {{join .Args " "}}' "$c" | grep -q -F "$POSTGRES_PASSWORD"; then
-        fail "the database password is on the command line of $(docker inspect -f '{{.Name}}' "$c")"
-    fi
-    if [ "$(docker inspect -f '{{.State.Running}}' "$c")" = true ] \
-        && docker exec "$c" sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" " "' | grep -q -F "$POSTGRES_PASSWORD"
-    then
-        fail "a process in $(docker inspect -f '{{.Name}}' "$c") has the database password on its command line"
-    fi
+# The secrets are in the services' environment, never on a command line (ps, /proc/*/cmdline, docker inspect's Args).
+for c in $(docker ps -a -q --filter "label=com.docker.compose.project=$PROJECT"); do
+    args=$(docker inspect -f '{{.Path}} {{join .Args " "}}' "$c")
+    running=$(docker inspect -f '{{.State.Running}}' "$c")
+    procs=""
+    [ "$running" != true ] || procs=$(docker exec "$c" sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" " "')
+    for name in "${SECRET_NAMES[@]}"; do
+        if grep -q -F "${!name}" <<< "$args $procs"; then
+            fail "$name is on a command line in $(docker inspect -f '{{.Name}}' "$c")"
+        fi
+    done
 done
-say "ok   the database password is on no command line"
+say "ok   no secret (${SECRET_NAMES[*]}) on a command line"
 
 # check_study ARGS...: tests/docker/check_study.py in a container of the stack, with the workers' environment
 check_study() {
@@ -389,6 +445,8 @@ say "ok   a worker with a user error: exit 2, restarted $restarts times, then do
 
 # A worker stopped mid-trial: it acts on the stop signal (SIGINT through docker-init) and its trial is re-queued.
 s=$(date +%s)
+STUDY=docker-test-stop EPOCHS=40 compose run --rm --no-deps -T prepare > "$LOGS/compose-stop-prepare.log" 2>&1 \
+    || { show_log "$LOGS/compose-stop-prepare.log"; fail "preparing the stop test's study failed"; }
 STUDY=docker-test-stop EPOCHS=40 compose up -d --no-build --no-deps --scale worker-cpu=1 worker-cpu \
     > "$LOGS/compose-stop.log" 2>&1 || { show_log "$LOGS/compose-stop.log"; fail "compose up of the stop test failed"; }
 w=$(compose ps -q worker-cpu)

@@ -10,6 +10,7 @@ worker entrypoint script by running it. Building the image and running container
 
 from __future__ import annotations
 
+import configparser
 import fnmatch
 import json
 import os
@@ -62,34 +63,48 @@ def instructions(name: str) -> list[str]:
     return [rest for word, rest in dockerfile() if word == name]
 
 
+# The secrets docker-compose.yml requires (``${VAR:?message}``: no default), with test values.
+COMPOSE_SECRETS = {"POSTGRES_PASSWORD": "pg-Secret-123", "MLFLOW_ADMIN_PASSWORD": "admin-Secret-123",
+                   "MLFLOW_WORKER_PASSWORD": "worker-Secret-123", "MLFLOW_SECRET_KEY": "flask-Secret-123"}
+
+
+class MissingVariable(ValueError):
+    """Compose refuses the file: a ``${VAR:?message}`` variable is not set."""
+
+
 def interpolate(text: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ``${VAR:-default}`` / ``${VAR}`` substitution (the subset the file uses)."""
+    """Compose's ``${VAR:-default}`` / ``${VAR:?message}`` / ``${VAR}`` substitution (the subset the file uses)."""
     env = env or {}
 
     def sub(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(3)
-        assert default is not None or name in env, f"${{{name}}} has no default in docker-compose.yml"
-        return env.get(name) or (default or "")
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if op == ":?":
+            if not env.get(name):
+                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+            return env[name]
+        assert op is not None or name in env, f"${{{name}}} has no default in docker-compose.yml"
+        return env.get(name) or (arg or "")
 
-    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, text)
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, text)
 
 
-def load_compose(env: dict[str, str] | None = None) -> dict:
-    """docker-compose.yml as Compose reads it: YAML first, then ``${...}`` substituted in string values."""
+def load_compose(env: dict[str, str] | None = None, *, keep_variables: bool = False) -> dict:
+    """docker-compose.yml as Compose reads it: YAML first, then ``${...}`` substituted in string values
+    (``keep_variables``: left as written, to compare commands across deployments)."""
 
     def walk(node: object) -> object:
         if isinstance(node, dict):
             return {k: walk(v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
-        return interpolate(node, env) if isinstance(node, str) else node
+        return interpolate(node, env) if isinstance(node, str) and not keep_variables else node
 
     return walk(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return load_compose()
+    return load_compose(COMPOSE_SECRETS)
 
 
 def option_value(args: list[str], name: str) -> str:
@@ -202,11 +217,12 @@ def test_image_keeps_the_base_images_torch(tmp_path: Path) -> None:
 
 
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
-    for path in (".venv", ".venv/bin/python", "mlruns", "mlruns/0/meta.yaml", "mlflow.db", "optuna.db",
+    for path in (".env", ".venv", ".venv/bin/python", "mlruns", "mlruns/0/meta.yaml", "mlflow.db", "optuna.db",
                  "mlartifacts", ".git", ".pytest_cache", ".ruff_cache", "allconv_cli/__pycache__",
                  "allconv_cli/__pycache__/x.cpython-311.pyc"):
         assert dockerignored(path), f"{path} would be sent into the image build"
-    copied = ["pyproject.toml", "allconv_cli/cli/__init__.py", "scripts/worker-entrypoint.sh"]
+    copied = ["pyproject.toml", "allconv_cli/cli/__init__.py", "scripts/worker-entrypoint.sh", "scripts/services.py",
+              "tests/services.py"]  # `scripts/services.py add-user` runs in the image (compose, deploy/k8s)
     if (ROOT / "README.md").exists() or PYPROJECT["project"].get("readme"):
         copied.append(PYPROJECT["project"].get("readme", "README.md"))
     for path in copied:
@@ -219,7 +235,7 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
 
 def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
     services = compose["services"]
-    assert {"postgres", "mlflow", "worker"} <= set(services)
+    assert {"postgres", "mlflow", "mlflow-user", "prepare", "worker"} <= set(services)
     pg_env = services["postgres"]["environment"]
     pg_user, pg_password, pg_db = pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"]
 
@@ -230,17 +246,20 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
     assert script.is_file()
     created = set(re.findall(r"CREATE DATABASE (\w+)", script.read_text(), re.I)) | {pg_db}
 
-    def check_pg_url(url: str) -> str:
+    def check_pg_url(url: str, env: dict[str, str]) -> str:
+        """No password in the URL (it would be printed and stored): libpq reads it from PGPASSWORD."""
         parts = urlsplit(url)
         assert parts.scheme == "postgresql+psycopg", url
         assert (parts.hostname, parts.port or 5432) == ("postgres", 5432), url
-        assert (parts.username, parts.password) == (pg_user, pg_password), url
+        assert (parts.username, parts.password) == (pg_user, None), url
+        assert env["PGPASSWORD"] == pg_password
         db = parts.path.lstrip("/")
         assert db in created, f"{url}: database {db} is never created"
         return db
 
     mlflow_args = services["mlflow"]["command"]
-    mlflow_db = check_pg_url(services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"])
+    mlflow_env = services["mlflow"]["environment"]
+    mlflow_db = check_pg_url(mlflow_env["MLFLOW_BACKEND_STORE_URI"], mlflow_env)
     mlflow_port = int(option_value(mlflow_args, "--port"))
     assert option_value(mlflow_args, "--host") == "0.0.0.0"
     assert "--serve-artifacts" in mlflow_args
@@ -248,11 +267,24 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
     assert any(v.split(":")[1] == artifacts for v in services["mlflow"]["volumes"]), "artifacts not on a volume"
     allowed = option_value(mlflow_args, "--allowed-hosts").split(",")
     assert any(fnmatch.fnmatch(f"mlflow:{mlflow_port}", a) for a in allowed), "workers' Host header is refused"
+    # Basic auth: MLflow keeps its users in basic_auth.db in the server's working folder (the image's WORKDIR), which
+    # is a volume of its own, not the artifacts that the server hands out.
+    assert option_value(mlflow_args, "--app-name") == "basic-auth"
+    assert any(v.split(":")[1] == instructions("WORKDIR")[-1] for v in services["mlflow"]["volumes"])
+    assert not instructions("WORKDIR")[-1].startswith(artifacts)
+    # Its settings: the repository's scripts/mlflow-auth.ini, in the image (COPY . . into /opt/allconv).
+    auth_ini = Path(mlflow_env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert auth_ini.parent.parent == Path("/opt/allconv") and not dockerignored(f"scripts/{auth_ini.name}")
+    settings = configparser.ConfigParser()
+    settings.read(ROOT / "scripts" / auth_ini.name)
+    assert settings["mlflow"]["admin_username"] == mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert settings["mlflow"]["database_uri"] == "sqlite:///basic_auth.db", "in the working folder, on its volume"
+    assert "admin_password" not in settings["mlflow"] and int(settings["mlflow"]["auth_cache_ttl_seconds"]) > 0
 
     worker = services["worker"]
     args = worker["command"]
     assert args[0] == "search"
-    optuna_db = check_pg_url(worker["environment"]["ALLCONV_STORAGE"])
+    optuna_db = check_pg_url(worker["environment"]["ALLCONV_STORAGE"], worker["environment"])
     assert optuna_db != mlflow_db
     tracking = urlsplit(worker["environment"]["MLFLOW_TRACKING_URI"])
     assert (tracking.scheme, tracking.hostname, tracking.port) == ("http", "mlflow", mlflow_port)
@@ -260,6 +292,22 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
         assert worker["depends_on"][dep]["condition"] == "service_healthy"
         assert "healthcheck" in services[dep]
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # Before the workers: the workers' MLflow user (with the admin's credentials), then the study prepared once.
+    assert worker["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    assert services["prepare"]["depends_on"]["mlflow-user"]["condition"] == "service_completed_successfully"
+    assert services["mlflow-user"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    user = services["mlflow-user"]
+    assert user["entrypoint"] == ["python", "/opt/allconv/scripts/services.py"]
+    assert user["command"] == ["add-user", worker["environment"]["MLFLOW_TRACKING_USERNAME"]]
+    assert user["environment"]["MLFLOW_TRACKING_URI"] == worker["environment"]["MLFLOW_TRACKING_URI"]
+    assert user["environment"]["MLFLOW_TRACKING_USERNAME"] == mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert user["environment"]["MLFLOW_TRACKING_PASSWORD"] == mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert user["environment"]["ALLCONV_USER_PASSWORD"] == worker["environment"]["MLFLOW_TRACKING_PASSWORD"]
+    assert instructions("WORKDIR")[0] == "/opt/allconv" and ". ." in instructions("COPY")
+    for name in ("mlflow-user", "prepare"):
+        assert services[name]["restart"] == "no", f"{name} runs once"
+    assert services["prepare"]["environment"] == worker["environment"]
+    assert services["prepare"]["command"] == [*args, "--prepare"], "prepare = the workers' command + --prepare"
 
     # GPU workers: replicas reserve NVIDIA devices; `--scale worker=N` multiplies them. `worker-cpu` (profile cpu) is
     # the same service without the reservation (an override file cannot remove one), for CPU hosts and the CPU test.
@@ -283,7 +331,7 @@ def test_compose_wires_postgres_mlflow_and_workers(compose: dict) -> None:
 
 
 def test_compose_images_come_from_this_dockerfile(compose: dict) -> None:
-    for name in ("mlflow", "worker", "worker-cpu", "data"):
+    for name in ("mlflow", "mlflow-user", "prepare", "worker", "worker-cpu", "data"):
         service = compose["services"][name]
         assert service["build"] == "." and service["image"] == compose["services"]["worker"]["image"]
     assert compose["services"]["mlflow"]["entrypoint"] == ["mlflow"]
@@ -305,8 +353,8 @@ def test_compose_worker_command_parses_with_the_real_cli(compose: dict, monkeypa
         if arg.startswith("--"):
             assert arg.split("=")[0] in help_text, f"{arg} is not an option of `allconv search`"
     # Other settings of the compose file (.env overrides) parse too.
-    other = load_compose({"MODEL": "A", "BRANCH": "strided", "DATASET": "fake", "TRIALS": "8", "EPOCHS": "3",
-                          "STUDY": "s", "POSTGRES_PASSWORD": "p@ss"})
+    other = load_compose({**COMPOSE_SECRETS, "MODEL": "A", "BRANCH": "strided", "DATASET": "fake", "TRIALS": "8",
+                          "EPOCHS": "3", "STUDY": "s", "POSTGRES_PASSWORD": "p@ss:/word"})
     parse_allconv(other["services"]["worker"]["command"])
 
 
@@ -320,28 +368,38 @@ def test_compose_commands_are_lists_of_strings(compose: dict) -> None:
 
 
 def test_compose_mlflow_command_parses_with_mlflow_and_matches_the_ci_sequence(compose: dict) -> None:
+    from mlflow import environment_variables as mlflow_env
     from mlflow.cli import server as mlflow_server_command
 
     mlflow = compose["services"]["mlflow"]
     args = mlflow["command"]
     assert args[0] == "server"
     ctx = mlflow_server_command.make_context("mlflow server", list(args[1:]))
-    # Options the server reads from its environment (the backend URI with the password) count as given.
+    # Options the server reads from its environment (the backend URI) count as given.
     given = {a for a in args if a.startswith("--")}
     for param in mlflow_server_command.params:
         if param.envvar and param.envvar in mlflow.get("environment", {}):
             given.update(o for o in param.opts if o.startswith("--"))
-    assert set(mlflow["environment"]) <= {p.envvar for p in mlflow_server_command.params}, "unknown server variables"
-    # scripts/services.py (what CI runs) starts the server with the same options, PostgreSQL-backed.
+    known = {v.name for v in vars(mlflow_env).values() if isinstance(v, mlflow_env._EnvironmentVariable)}
+    known |= {p.envvar for p in mlflow_server_command.params if p.envvar}
+    assert set(mlflow["environment"]) - {"PGPASSWORD"} <= known, "unknown server variables"
+    # scripts/services.py (what CI runs) starts the server with the same options, PostgreSQL-backed, with basic auth.
     from conftest import services
 
-    ci = services.MlflowServer("postgresql+psycopg://u:p@127.0.0.1:1/mlflow", Path("/tmp/x")).command()
+    ci_server = services.MlflowServer("postgresql+psycopg://u:p@127.0.0.1:1/mlflow", Path("/tmp/x"), auth=True)
+    ci = ci_server.command()
     ci_args = ci[ci.index("server") + 1:]
     mlflow_server_command.make_context("mlflow server", list(ci_args))
     ci_flags = {a for a in ci_args if a.startswith("--")}
-    assert {"--backend-store-uri", "--artifacts-destination", "--serve-artifacts", "--host", "--port"} <= ci_flags
+    assert {"--artifacts-destination", "--serve-artifacts", "--host", "--port", "--app-name"} <= ci_flags
+    assert "--backend-store-uri" not in ci_flags, "the backend URI (it holds the password) is in the environment"
     assert ci_flags - {"--workers"} <= given
-    assert urlsplit(option_value(ci_args, "--backend-store-uri")).scheme == "postgresql+psycopg"
+    assert set(ci_server.environment()) <= set(mlflow["environment"])
+    ci_ini = Path(ci_server.environment()["MLFLOW_AUTH_CONFIG_PATH"])
+    image_ini = Path(mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"])
+    assert ci_ini.relative_to(ROOT) == image_ini.relative_to("/opt/allconv"), "the same auth settings as compose"
+    assert urlsplit(ci_server.environment()["MLFLOW_BACKEND_STORE_URI"]).scheme == "postgresql+psycopg"
+    assert option_value(ci_args, "--app-name") == option_value(args, "--app-name") == "basic-auth"
     assert ctx.params["host"] == "0.0.0.0"
 
 
@@ -355,16 +413,28 @@ def test_compose_data_service_fills_the_workers_data_volume(compose: dict) -> No
     assert f"'{data_dir}'" in " ".join(data["command"]) and "CIFAR10" in " ".join(data["command"])
 
 
-def test_compose_keeps_the_database_password_off_command_lines() -> None:
-    """`ps` on the host shows every container's command line: the password lives in the environment only."""
-    secret = "s3cret-Pw"
-    services = load_compose({"POSTGRES_PASSWORD": secret})["services"]
+def test_compose_keeps_the_secrets_off_command_lines() -> None:
+    """`ps` on the host shows every container's command line: the secrets live in the environment only."""
+    services = load_compose(COMPOSE_SECRETS)["services"]
     for name, service in services.items():
         for key in ("command", "entrypoint", "healthcheck"):
-            assert secret not in json.dumps(service.get(key)), f"{name}.{key} holds the password"
-    assert secret in services["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    assert secret in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
-    assert secret in services["worker"]["environment"]["ALLCONV_STORAGE"]
+            for secret in COMPOSE_SECRETS.values():
+                assert secret not in json.dumps(service.get(key)), f"{name}.{key} holds a secret"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == COMPOSE_SECRETS["POSTGRES_PASSWORD"]
+    assert services["mlflow"]["environment"]["PGPASSWORD"] == COMPOSE_SECRETS["POSTGRES_PASSWORD"]
+    assert services["worker"]["environment"]["PGPASSWORD"] == COMPOSE_SECRETS["POSTGRES_PASSWORD"]
+    assert services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == COMPOSE_SECRETS["MLFLOW_ADMIN_PASSWORD"]
+    assert services["mlflow"]["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == COMPOSE_SECRETS["MLFLOW_SECRET_KEY"]
+    assert services["worker"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == COMPOSE_SECRETS["MLFLOW_WORKER_PASSWORD"]
+
+
+def test_compose_refuses_to_start_without_each_secret() -> None:
+    """No silent default: Compose stops with the variable's name (``${VAR:?...}``); `make docker-test` checks the
+    real Compose does."""
+    for name in COMPOSE_SECRETS:
+        env = {k: v for k, v in COMPOSE_SECRETS.items() if k != name}
+        with pytest.raises(MissingVariable, match=f"{name} is missing a value: set {name}"):
+            load_compose(env)
 
 
 def test_compose_workers_stop_on_a_user_error_and_everything_stops_promptly(compose: dict) -> None:
@@ -384,21 +454,32 @@ def test_compose_workers_stop_on_a_user_error_and_everything_stops_promptly(comp
 
 def test_compose_file_suits_compose_v1_and_v2(compose: dict) -> None:
     """docker-compose 1.29 (Debian's) rejects a top-level `name:`; the file's other keys are in both."""
-    assert set(compose) <= {"services", "volumes", "x-allconv", "x-worker"}, set(compose)
-    assert compose["services"]["mlflow"]["ports"] == ["5000:5000"]
-    published = load_compose({"MLFLOW_PORT": "127.0.0.1:0"})["services"]["mlflow"]["ports"]
-    assert published == ["127.0.0.1:0:5000"], "MLFLOW_PORT picks the host address and port"
+    assert set(compose) <= {"services", "volumes", "x-allconv", "x-study", "x-worker"}, set(compose)
+
+
+def test_compose_publishes_only_the_mlflow_ui_and_on_this_host_unless_told(compose: dict) -> None:
+    """MLFLOW_BIND (default 127.0.0.1: this host only) and MLFLOW_PORT; PostgreSQL and the workers publish nothing."""
+    assert [n for n, svc in compose["services"].items() if "ports" in svc] == ["mlflow"]
+    assert compose["services"]["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
+    published = load_compose({**COMPOSE_SECRETS, "MLFLOW_PORT": "0"})["services"]["mlflow"]["ports"]
+    assert published == ["127.0.0.1:0:5000"], "MLFLOW_PORT picks the host port"
+    everywhere = load_compose({**COMPOSE_SECRETS, "MLFLOW_BIND": "0.0.0.0"})["services"]["mlflow"]["ports"]
+    assert everywhere == ["0.0.0.0:5000:5000"], "MLFLOW_BIND picks the host address"
 
 
 def test_docker_test_override_changes_only_images_and_the_study(monkeypatch: pytest.MonkeyPatch) -> None:
     """`make docker-test` runs docker-compose.yml with tests/docker/compose.test.yml: local images and a tiny study,
-    everything else (wiring, environment, restart and stop settings) as shipped."""
+    everything else (wiring, environment, auth, restart and stop settings) as shipped."""
     override = yaml.safe_load((ROOT / "tests" / "docker" / "compose.test.yml").read_text())
-    allowed = {"postgres": {"image"}, "mlflow": {"image"}, "worker-cpu": {"image", "command", "environment"}}
+    allowed = {"postgres": {"image"}, "mlflow": {"image"}, "mlflow-user": {"image"},
+               "worker-cpu": {"image", "command", "environment"}, "prepare": {"image", "command", "environment"}}
     for name, service in override["services"].items():
         assert set(service) <= allowed.get(name, set()), (name, set(service))
-    args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in override["services"]["worker-cpu"]["command"]]
-    worker_env = load_compose()["services"]["worker-cpu"]["environment"]
+    services = override["services"]
+    assert services["prepare"]["command"] == [*services["worker-cpu"]["command"], "--prepare"]
+    assert services["prepare"]["environment"].items() <= services["worker-cpu"]["environment"].items()
+    args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in services["worker-cpu"]["command"]]
+    worker_env = load_compose(COMPOSE_SECRETS)["services"]["worker-cpu"]["environment"]
     for name, value in worker_env.items():
         monkeypatch.setenv(name, value)
     ctx = parse_allconv(args)
