@@ -125,19 +125,53 @@ def check_tracking_store(write: bool = True) -> str:
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """An MLflow tracking server must answer its ``/health`` endpoint before a run or study is started."""
+    """An MLflow tracking server must answer its ``/health`` endpoint, and take our credentials, before a run or a
+    study is started: a worker without them fails in a second with one line, not after minutes of retries."""
     import urllib.error
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
+        with urllib.request.urlopen(base + "/health", timeout=timeout):
+            pass
     except urllib.error.HTTPError as exc:  # it answered: an auth proxy or an old server without /health
-        if exc.code < 500:
-            return
-        reason = f"HTTP {exc.code}"
+        if exc.code >= 500:
+            raise AllconvError(f"the MLflow server {safe_url(uri)} does not answer (HTTP {exc.code}): start it (see "
+                               "docs/scaling.md) or set MLFLOW_TRACKING_URI") from None
     except (OSError, ValueError) as exc:
-        reason = str(getattr(exc, "reason", exc))
-    raise AllconvError(f"the MLflow server {safe_url(uri)} does not answer ({reason}): start it (see docs/scaling.md) "
-                       "or set MLFLOW_TRACKING_URI")
+        raise AllconvError(f"the MLflow server {safe_url(uri)} does not answer ({getattr(exc, 'reason', exc)}): start "
+                           "it (see docs/scaling.md) or set MLFLOW_TRACKING_URI") from None
+    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default",
+                                     headers=_auth_header())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        refused = auth_refusal(exc.code, uri)
+        if refused:
+            raise AllconvError(refused) from None
+    except (OSError, ValueError):
+        return  # it answered /health: what fails now is retried (and reported) by the tracking layer
+
+
+def auth_refusal(status: int, uri: str) -> str:
+    """The one line for an MLflow server that refuses who we are (401) or what we ask (403); empty otherwise."""
+    if status == 401:
+        return (f"the MLflow server {safe_url(uri)} refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD to a user of that server")
+    if status == 403:
+        return (f"the MLflow server {safe_url(uri)} refused access (HTTP 403: a user without permission on this "
+                "experiment, or a host name the server's --allowed-hosts does not list): check "
+                "MLFLOW_TRACKING_USERNAME, the experiment's permissions and the server's --allowed-hosts")
+    return ""
+
+
+def _auth_header() -> dict[str, str]:
+    """The header MLflow's client would send: basic auth from MLFLOW_TRACKING_USERNAME/PASSWORD, or a token."""
+    import base64
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}

@@ -54,9 +54,8 @@ show_log() { tail -n "${2:-25}" "$1" | sed 's/^/    | /'; }
 # ---------------------------------------------------------------------------------------------------------------
 # cleanup: only what this run made
 
-PREPARE_OVERRIDE=()  # tests/docker/compose.no-prepare.yml while the image's `allconv search` has no --prepare
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f tests/docker/compose.test.yml \
-    "${PREPARE_OVERRIDE[@]}" --profile cpu "$@"; }
+    --profile cpu "$@"; }
 
 cleanup() {
     local code=$?
@@ -306,13 +305,6 @@ timed runs "$(since "$t")"
 
 t=$(date +%s)
 export DOCKER_TEST_IMAGE=$IMAGE DOCKER_TEST_POSTGRES_IMAGE=$POSTGRES_IMAGE
-search_help=$(docker run --rm "$IMAGE" search --help)
-if grep -q -e '--prepare' <<< "$search_help"; then
-    say "ok   the image's allconv search has --prepare: the stack prepares the study once, before the workers"
-else
-    PREPARE_OVERRIDE=(-f tests/docker/compose.no-prepare.yml)
-    say "NOTE the image's allconv search has no --prepare yet (issue 19): the \`prepare\` service exits at once (tests/docker/compose.no-prepare.yml) and the workers prepare the study themselves"
-fi
 secret() { printf '%s-%s' "$1" "$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"; }
 SECRET_NAMES=(POSTGRES_PASSWORD MLFLOW_ADMIN_PASSWORD MLFLOW_WORKER_PASSWORD MLFLOW_SECRET_KEY)
 POSTGRES_PASSWORD=$(secret pg) MLFLOW_ADMIN_PASSWORD=$(secret admin) MLFLOW_WORKER_PASSWORD=$(secret worker)

@@ -128,3 +128,22 @@ def test_add_user_takes_passwords_from_the_environment_only(tmp_path: Path) -> N
                          timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "ALLCONV_USER_PASSWORD" in out.stderr
+
+
+def test_a_worker_without_valid_credentials_stops_at_once_with_one_line(auth_server: services.MlflowServer,
+                                                                        tmp_path: Path) -> None:
+    """No retries for a refusal: a k8s Job fails on exit 2 at once (any other code is retried), compose stops."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=auth_server.uri, MLFLOW_TRACKING_USERNAME="nobody", MLFLOW_TRACKING_PASSWORD="x",
+               ALLCONV_CACHE_DIR=str(tmp_path / "cache"))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "allconv_cli", "search", "--dataset", "fake", "--trials", "1",
+                          "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--prepare"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "HTTP 401" in lines[0] and "MLFLOW_TRACKING_USERNAME" in lines[0] and "Traceback" not in out.stderr
+    assert time.monotonic() - started < 30, "refused at once, not after minutes of retries"
+    assert not (tmp_path / "optuna.db").exists(), "nothing is created"

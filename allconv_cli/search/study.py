@@ -93,8 +93,9 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     run = StudyRun(settings, parent_id, parent.experiment_of(parent_id, settings.experiment, console))
     started = time.perf_counter()
     state, ran = StudyState.PENDING, False
-    if prepare_only:
-        parent.set_state(parent_id, StudyState.PENDING, settings)  # not left RUNNING if no worker ever starts
+    if prepare_only:  # not left RUNNING if no worker ever starts; a rerun while workers train changes nothing
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            parent.set_state(parent_id, StudyState.PENDING, settings)
         console.print(f"Prepared study {settings.study_name} in {safe_url(settings.storage_url)} (MLflow parent run "
                       f"{parent_id}); start the workers with the same command without --prepare", highlight=False)
     elif not summarize_only:

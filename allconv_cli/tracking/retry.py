@@ -48,6 +48,9 @@ def retrying(fn: Callable[..., T], *args: Any, budget: float | None = None, **kw
                     f"cannot write {exc.filename or 'MLflow artifacts'}: {exc.strerror} (the MLflow artifact "
                     f"location must be writable and have free space; or set MLFLOW_TRACKING_URI; {stores.DOCKER_HINT})"
                 ) from exc
+            refused = stores.auth_refusal(_AUTH_STATUS.get(getattr(exc, "error_code", ""), 0), stores.tracking_uri())
+            if refused:  # wrong or missing credentials, or no permission: no retry fixes that
+                raise AllconvError(refused) from exc
             if not _transient(exc):
                 raise
             elapsed = time.monotonic() - started
@@ -102,6 +105,7 @@ def _masked(exc: BaseException) -> str:
     return masked[:200]
 
 
+_AUTH_STATUS = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
 # Local storage errors that no retry fixes: no space, quota, read-only file system, no permission.
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
