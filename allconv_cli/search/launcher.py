@@ -21,7 +21,7 @@ import optuna
 from rich.console import Console
 
 from allconv_cli.errors import AllconvError
-from allconv_cli.search.budget import count_trials
+from allconv_cli.search.budget import Counts, count_trials
 from allconv_cli.search.plan import SearchSettings, StudyRun
 from allconv_cli.search.view import SearchView
 from allconv_cli.tracking.schema import StudyState
@@ -43,67 +43,79 @@ def gpu_assignment(settings: SearchSettings) -> list[str | None]:
     return [devices[i % len(devices)] for i in range(settings.workers)]
 
 
+class _Processes:
+    """The worker processes of one session: the plan file they read (0600: it holds the storage URL), their logs,
+    and the restarts of ones that crash."""
+
+    def __init__(self, run: StudyRun, console: Console) -> None:
+        self.run, self.settings, self.console = run, run.settings, console
+        self.folder = Path(tempfile.mkdtemp(prefix="allconv-search-"))
+        self.plan = self.folder / "plan.json"
+        self.plan.touch(mode=0o600)
+        self.plan.write_text(run.to_json())
+        self.gpus = gpu_assignment(self.settings)
+        self.restarts_left, self.errors = self.settings.workers, []
+        self.procs = {i: self.spawn(i) for i in range(self.settings.workers)}
+
+    def spawn(self, i: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.gpus[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[i]
+        elif "OMP_NUM_THREADS" not in env:  # CPU workers: share the cores instead of each taking all of them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.settings.workers))
+        log = open(self.folder / f"worker-{i}.log", "ab")  # noqa: SIM115 (the child owns it; closed when we exit)
+        cmd = [sys.executable, "-m", "allconv_cli", "search", "--worker", str(self.plan), "--worker-index", str(i)]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def reap(self, c: Counts) -> None:
+        """Handle the processes that exited: a user error (exit 2) is kept, a crash is restarted while useful."""
+        for i, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.procs[i]
+            log = self.folder / f"worker-{i}.log"
+            if code == 2:
+                self.errors.append(_last_line(log))
+            if code in (0, 2, 130):
+                continue
+            done = c.waiting == 0 and c.reserved >= self.settings.trials and c.running == 0
+            late = self.run.deadline is not None and time.time() >= self.run.deadline
+            self.console.print(f"worker {i} (pid {proc.pid}) exited with {code}; log: {log}", highlight=False)
+            if self.restarts_left > 0 and not done and not late and not self.errors:
+                self.restarts_left -= 1
+                self.procs[i] = self.spawn(i)
+                self.console.print(f"restarted worker {i} (pid {self.procs[i].pid})", highlight=False)
+
+    def close(self) -> None:
+        self.plan.unlink(missing_ok=True)  # it holds the storage URL with its password
+        if self.restarts_left == self.settings.workers:  # no crash: the logs are not needed (an error's line is kept)
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def run_processes(run: StudyRun, study: optuna.Study, view: SearchView, console: Console) -> StudyState:
     """``settings.workers`` worker processes until the study is done; crashed ones are restarted, a user error stops
     them all and is raised here, Ctrl-C reaches each once."""
-    settings = run.settings
-    folder = Path(tempfile.mkdtemp(prefix="allconv-search-"))
-    plan = folder / "plan.json"
-    plan.touch(mode=0o600)  # it holds the storage URL, password included
-    plan.write_text(run.to_json())
-    gpus = gpu_assignment(settings)
-
-    def spawn(i: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if gpus[i] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
-        elif "OMP_NUM_THREADS" not in env:  # CPU workers: share the cores instead of each taking all of them
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // settings.workers))
-        log = open(folder / f"worker-{i}.log", "ab")  # noqa: SIM115 (the child owns it; closed when we exit)
-        cmd = [sys.executable, "-m", "allconv_cli", "search", "--worker", str(plan), "--worker-index", str(i)]
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    procs = {i: spawn(i) for i in range(settings.workers)}
-    restarts_left, errors, interrupted = settings.workers, [], False
+    workers, interrupted = _Processes(run, console), False
     try:
-        while procs:
+        while workers.procs:
             time.sleep(1.0)
-            c = view.update(study.get_trials(deepcopy=False))
-            for i, proc in list(procs.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                del procs[i]
-                if code in (0, 130):
-                    continue
-                log = folder / f"worker-{i}.log"
-                if code == 2:
-                    errors.append(_last_line(log))
-                    continue
-                done = c.waiting == 0 and c.reserved >= settings.trials and c.running == 0
-                late = run.deadline is not None and time.time() >= run.deadline
-                console.print(f"worker {i} (pid {proc.pid}) exited with {code}; log: {log}", highlight=False)
-                if restarts_left > 0 and not done and not late and not errors:
-                    restarts_left -= 1
-                    procs[i] = spawn(i)
-                    console.print(f"restarted worker {i} (pid {procs[i].pid})", highlight=False)
-            if errors and procs:  # a user error stops the search: the others checkpoint their trials and stop
-                _interrupt(procs, view, study)
-                procs = {}
+            workers.reap(view.update(study.get_trials(deepcopy=False)))
+            if workers.errors and workers.procs:  # a user error stops the search: the others checkpoint and stop
+                _interrupt(workers.procs, view, study)
+                workers.procs = {}
     except KeyboardInterrupt:
         interrupted = True
         console.print("Interrupted: checkpointing the running trials...")
-        _interrupt(procs, view, study)
+        _interrupt(workers.procs, view, study)
     view.update(study.get_trials(deepcopy=False))
-    plan.unlink(missing_ok=True)  # it holds the storage URL with its password
-    if restarts_left == settings.workers:  # no worker crashed: the logs are not needed (an error's line is kept)
-        shutil.rmtree(folder, ignore_errors=True)
-    if errors:
-        raise AllconvError(errors[0].removeprefix("Error: "))
+    workers.close()
+    if workers.errors:
+        raise AllconvError(workers.errors[0].removeprefix("Error: "))
     if interrupted:
         return StudyState.INTERRUPTED
     c = count_trials(study.get_trials(deepcopy=False))
-    return StudyState.COMPLETE if c.finished >= settings.trials else StudyState.TIMEOUT
+    return StudyState.COMPLETE if c.finished >= run.settings.trials else StudyState.TIMEOUT
 
 
 def _interrupt(procs: dict[int, subprocess.Popen[bytes]], view: SearchView, study: optuna.Study) -> None:
