@@ -7,10 +7,11 @@ imports it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,27 @@ def checkpoint_of(state: TrainState, data_fingerprint: str) -> dict[str, Any]:
     """Everything an exact resume needs: weights, optimizer, lr schedule, the three RNG states, the run's history.
 
     A copy (tensors cloned on their device, no host sync): it is written on another thread while the next steps
-    change the live parameters and optimizer buffers in place."""
+    change the live parameters and optimizer buffers in place. On the CPU the copy runs on one thread: it is
+    memory-bound, and waking the intra-op pool for each of ~80 small tensors cost ~100 ms on a busy 2-core machine
+    (3 ms on one thread)."""
     cuda = state.device.type == "cuda"
-    return copy.deepcopy({
+    with contextlib.nullcontext() if cuda else _one_cpu_thread():
+        return copy.deepcopy(_checkpoint_dict(state, data_fingerprint, cuda))
+
+
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _checkpoint_dict(state: TrainState, data_fingerprint: str, cuda: bool) -> dict[str, Any]:
+    """The live state as a checkpoint: views of the tensors the run goes on changing (:func:`checkpoint_of` copies)."""
+    return {
         "epoch": state.epoch,
         "config": state.cfg.to_dict(),
         "device_type": state.device.type,
@@ -131,7 +150,7 @@ def checkpoint_of(state: TrainState, data_fingerprint: str) -> dict[str, Any]:
         "data_fingerprint": data_fingerprint,
         "constant_epochs": state.constant_epochs,
         "seed": state.seed,
-    })
+    }
 
 
 def restore(state: TrainState, checkpoint: dict[str, Any]) -> None:

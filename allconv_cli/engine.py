@@ -4,6 +4,8 @@ This module knows nothing of MLflow, Optuna or the CLI. It trains one network on
 and reports through :class:`Hooks` (epoch end, checkpoint written, should we stop?), so the same loop serves
 ``allconv train``, every search trial and ``allconv reproduce``. Batches are slices of tensors that already live on the
 device (no DataLoader), so on a GPU a step is pure device work; bf16 autocast and channels_last are used on CUDA.
+What is slow and not training (checkpoint files, their uploads, metric logging) runs on one writer thread
+(:mod:`allconv_cli.background`), so the next epoch starts as soon as this one is evaluated.
 """
 
 from __future__ import annotations
@@ -147,10 +149,11 @@ class HookList(Hooks):
 
 @dataclass
 class TrainResult:
-    """How a run ended. ``status``: finished, diverged, collapsed, interrupted, or what ``should_stop`` returned."""
+    """How a run ended. ``status``: a :class:`~allconv_cli.tracking.schema.Status` value: finished, diverged,
+    collapsed, interrupted, or what ``should_stop`` returned (``run_tracked`` turns it into the Status itself)."""
 
     status: str
-    epochs_completed: int
+    epochs_completed: int  # the epoch of the last checkpoint written
     model: nn.Module
     reason: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
