@@ -81,23 +81,28 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
         if server is not None:
             server.stop()
         del os.environ["MLFLOW_TRACKING_URI"]
+    return summary(store, str(outcome.result.status), starts, ends, epoch_ends, returned)
+
+
+def summary(store: str, status: str, starts: list[float], ends: list[float], epoch_ends: list[float],
+            returned: float) -> dict[str, object]:
+    """Per-epoch train, eval and cycle times (ms) from the clock readings, and their medians."""
     n = len(starts)
     rows = [{"epoch": i + 1,
              "train_ms": 1000 * (ends[i] - starts[i]),
              "eval_ms": 1000 * (epoch_ends[i] - ends[i]),
              "cycle_ms": 1000 * (starts[i + 1] - starts[i]) if i + 1 < n else None} for i in range(n)]
     cycles = [r for r in rows if r["cycle_ms"] is not None]
-    overhead = [r["cycle_ms"] - r["train_ms"] for r in cycles]
-    rest = [r["cycle_ms"] - r["train_ms"] - r["eval_ms"] for r in cycles]
     return {
         "store": store,
-        "status": str(outcome.result.status),
+        "status": status,
         "epochs": rows,
         "median_train_ms": statistics.median(r["train_ms"] for r in rows),
         "median_eval_ms": statistics.median(r["eval_ms"] for r in rows),
         "median_cycle_ms": statistics.median(r["cycle_ms"] for r in cycles),
-        "median_cycle_minus_train_ms": statistics.median(overhead),
-        "median_cycle_minus_train_minus_eval_ms": statistics.median(rest),
+        "median_cycle_minus_train_ms": statistics.median(r["cycle_ms"] - r["train_ms"] for r in cycles),
+        "median_cycle_minus_train_minus_eval_ms": statistics.median(
+            r["cycle_ms"] - r["train_ms"] - r["eval_ms"] for r in cycles),
         "end_ms": 1000 * (returned - epoch_ends[-1]),
     }
 
