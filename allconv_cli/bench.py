@@ -86,7 +86,7 @@ def bench(
         _sync(device)
         return time.perf_counter() - start
 
-    say(f"warm-up: {warmup} steps")
+    say(f"warm-up: {warmup} step{'s' * (warmup != 1)}")
     run(warmup)
     seconds, baseline_ips = float("inf"), 0.0
     for round_ in range(1, max(1, rounds) + 1):
