@@ -219,7 +219,8 @@ class LrPerStep(Hooks):
 def test_a_two_epoch_run_decays_inside_its_second_epoch_and_resumes_exactly(data, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 20: --epochs 2 used to train its whole second epoch at lr/1000. Now epoch 2 starts at the full lr
-    and decays after steps 15, 19 and 22 of 26; a run stopped after epoch 1 resumes onto the same steps."""
+    and decays after steps 23, 29 and 34 of 40 (320 images, batch 16); a run stopped after epoch 1 resumes onto
+    the same steps."""
     from allconv_cli import engine
 
     real_setup, hooks = engine.setup, LrPerStep()
@@ -231,15 +232,17 @@ def test_a_two_epoch_run_decays_inside_its_second_epoch_and_resumes_exactly(data
 
     monkeypatch.setattr(engine, "setup", setup)
     cfg = tiny(epochs=2)
+    assert steps_per_epoch(len(data.train), cfg.batch_size) == 20
+    assert cfg.lr_milestone_steps(20) == [23, 29, 34]
     straight = train(cfg, data, device=CPU, checkpoint_dir=tmp_path / "straight", hooks=hooks)
     assert [h["lr"] for h in straight.history] == [0.05, 0.05]
-    expected = [0.05] * 14 + [0.005] * 4 + [0.0005] * 3 + [0.00005] * 5  # after steps 1..26
+    expected = [0.05] * 22 + [0.005] * 6 + [0.0005] * 5 + [0.00005] * 7  # the lr after steps 1..40
     assert hooks.lrs == pytest.approx(expected)
     train(cfg, data, device=CPU, checkpoint_dir=tmp_path / "split", hooks=Recorder(stop_after=1))
     hooks.lrs = []
     resumed = train(cfg, data, device=CPU, checkpoint_dir=tmp_path / "resumed", hooks=hooks,
                     resume_from=tmp_path / "split" / "last.pt")
-    assert hooks.lrs == pytest.approx(expected[13:])
+    assert hooks.lrs == pytest.approx(expected[20:])
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]
