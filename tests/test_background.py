@@ -79,10 +79,13 @@ def test_an_error_surfaces_on_the_submitting_thread_and_later_jobs_are_skipped()
 
     writer = BackgroundWriter()
     writer.submit(fail)
-    time.sleep(0.2)
-    with pytest.raises(AllconvError, match="upload failed"):
-        writer.submit(ran.append, 2)  # the next hand-over raises it
+    deadline = time.monotonic() + 60
+    with pytest.raises(AllconvError, match="upload failed"):  # a hand-over after the failure raises it
+        while time.monotonic() < deadline:
+            writer.submit(ran.append, 2)
+            time.sleep(0.01)
     writer.close()
+    assert ran == []
     with pytest.raises(AllconvError, match="upload failed"), BackgroundWriter() as writer:
         writer.submit(fail)  # leaving the block raises it
 
