@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mlflow.entities import Metric, RunTag
 
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, load_onto
@@ -33,8 +31,7 @@ from allconv_cli.engine import (
 )
 from allconv_cli.served_model import log_models
 from allconv_cli.tracking import store
-from allconv_cli.tracking.schema import Artifact, Status, Tag
-from allconv_cli.tracking.schema import Metric as MetricName
+from allconv_cli.tracking.schema import Artifact, Metric, Status, Tag
 from allconv_cli.tracking.store import client, retrying
 
 
@@ -232,43 +229,38 @@ class MlflowHooks(Hooks):
     def __init__(self, run_id: str, checkpoint_every: int = 1) -> None:
         self.run_id = run_id
         self.checkpoint_every = max(1, checkpoint_every)
-        self.client = client()
 
     def on_epoch_record(self, metrics: EpochMetrics) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, metrics.epoch) for k, v in metrics.as_dict().items() if k != "epoch"]
-        retrying(self.client.log_batch, self.run_id, metrics=batch)
+        store.log_metrics(self.run_id, {k: v for k, v in metrics.as_dict().items() if k != "epoch"},
+                          step=metrics.epoch)
 
     def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
         if kind == "last" and epoch % self.checkpoint_every:
             return
-        retrying(self.client.log_artifact, self.run_id, str(path), Artifact.CHECKPOINTS)
-        tag = Tag.CHECKPOINT_LAST_EPOCH if kind == "last" else Tag.CHECKPOINT_BEST_EPOCH
-        retrying(self.client.set_tag, self.run_id, tag, str(epoch))
+        retrying(client().log_artifact, self.run_id, str(path), Artifact.CHECKPOINTS)  # store.log_artifact on main
+        store.set_tags(self.run_id, {Tag.CHECKPOINT_LAST_EPOCH if kind == "last" else Tag.CHECKPOINT_BEST_EPOCH:
+                                     str(epoch)})
 
 
 def finish_run(run_id: str, result: TrainResult, *, cfg: TrainConfig | None = None, data: Dataset | None = None,
                log_model: bool = True, register: str | None = None) -> None:
     """Record the outcome: final metrics, status and reason tags, the models, and the MLflow run status."""
-    mlc = client()
-    now = int(time.time() * 1000)
-    final = {
-        MetricName.TEST_ACCURACY: result.test_accuracy,
-        MetricName.TEST_LOSS: result.test_loss,
-        MetricName.TEST_ERROR: result.test_error,
-        MetricName.FINAL_VAL_ACCURACY: result.val_accuracy,
-        MetricName.BEST_VAL_ACCURACY: result.best_val_accuracy,
-        MetricName.MEAN_IMAGES_PER_SECOND: result.images_per_second,
-        MetricName.TOTAL_SECONDS: result.seconds,
-    }
-    metrics = [Metric(k, float(v), now, result.epochs_completed) for k, v in final.items() if v is not None]
     status = Status(result.status)
-    tags = [RunTag(Tag.STATUS, status.value), RunTag(Tag.EPOCHS_COMPLETED, str(result.epochs_completed))]
+    store.log_metrics(run_id, {
+        Metric.TEST_ACCURACY: result.test_accuracy,
+        Metric.TEST_LOSS: result.test_loss,
+        Metric.TEST_ERROR: result.test_error,
+        Metric.FINAL_VAL_ACCURACY: result.val_accuracy,
+        Metric.BEST_VAL_ACCURACY: result.best_val_accuracy,
+        Metric.MEAN_IMAGES_PER_SECOND: result.images_per_second,
+        Metric.TOTAL_SECONDS: result.seconds,
+    }, step=result.epochs_completed)
+    tags = {Tag.STATUS: status.value, Tag.EPOCHS_COMPLETED: str(result.epochs_completed)}
     if result.dead_classes:  # a partly (or wholly) dead head: these classes had no positive score on validation
-        tags.append(RunTag(Tag.DEAD_CLASSES, ",".join(map(str, result.dead_classes))))
+        tags[Tag.DEAD_CLASSES] = ",".join(map(str, result.dead_classes))
     if result.reason:
-        tags.append(RunTag(Tag.REASON, result.reason[:5000]))
-    retrying(mlc.log_batch, run_id, metrics=metrics, tags=tags)
+        tags[Tag.REASON] = result.reason
+    store.set_tags(run_id, tags)
     if log_model and status == Status.FINISHED and cfg is not None and data is not None:
         log_models(run_id, cfg, result.model, data, register=register)
-    retrying(mlc.set_terminated, run_id, status.mlflow)
+    store.set_run_status(run_id, status.mlflow)
