@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,7 +46,7 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
     from allconv_cli.tracked_run import run_tracked
 
     runtime.configure()
-    folder = Path(tempfile.mkdtemp(prefix=f"allconv-overhead-{store}-"))
+    folder, home = Path(tempfile.mkdtemp(prefix=f"allconv-overhead-{store}-")), Path.cwd()
     os.chdir(folder)
     server = None
     if store == "server":
@@ -81,6 +82,8 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
         if server is not None:
             server.stop()
         del os.environ["MLFLOW_TRACKING_URI"]
+        os.chdir(home)
+        shutil.rmtree(folder, ignore_errors=True)
     return summary(store, str(outcome.result.status), starts, ends, epoch_ends, returned)
 
 
