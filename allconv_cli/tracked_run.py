@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mlflow.entities import Metric, RunTag
 
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Dataset, load_onto
@@ -33,7 +31,8 @@ from allconv_cli.engine import (
 )
 from allconv_cli.served_model import log_models
 from allconv_cli.tracking import store
-from allconv_cli.tracking.store import RUN_STATUS, TAG, client, retrying
+from allconv_cli.tracking.schema import Artifact, Metric, Status, Tag
+from allconv_cli.tracking.store import client, retrying
 
 
 @dataclass(frozen=True)
@@ -83,90 +82,103 @@ def run_tracked(
 ) -> RunOutcome:
     """Train ``cfg`` as an MLflow run; restart it as a new run when it collapses, up to ``cfg.collapse_retries`` times.
 
-    ``resume_run_id`` continues that run from its last checkpoint. ``checkpoint_from_run`` starts a *new* run from
-    another run's last checkpoint (a search trial retried after its worker died). A checkpoint that cannot be read
-    raises, unless ``restart_on_bad_checkpoint``: then the problem is recorded and training starts from scratch.
-    ``on_run_created`` gets the run id as soon as the run exists, before training: a search trial records it in
-    Optuna then, so a retry of a trial whose worker dies mid-training can find that run's checkpoint.
-    ``register`` names the registered model the finished run's raw-image model is registered as.
+    ``resume_run_id`` continues that run from its last checkpoint; ``checkpoint_from_run`` starts a *new* run from
+    another run's (a search trial retried after its worker died). An unreadable checkpoint raises, unless
+    ``restart_on_bad_checkpoint``: then the problem is recorded and training starts from scratch.
+    ``on_run_created`` gets the run id before training (a search trial records it in Optuna, so a retry after its
+    worker dies finds the checkpoint). ``register`` names the registered model of a finished run's raw-image model.
 
     A collapsed run (dead ReLUs: it can never learn again) is followed by a new run, attempt 2, 3, ..., with a new
-    init/dropout/batch-order seed (:func:`~allconv_cli.engine.attempt_seed`) and the same data split, the same
-    ``tags`` and parent, linked both ways (``allconv.collapse_retry_of`` / ``allconv.collapse_retried_by``); every
-    run carries ``allconv.attempt`` and ``allconv.init_seed``. ``on_retry(collapsed, next_number, next_seed)`` is
-    called before each restart. ``on_run_created`` and ``hooks`` see every attempt.
+    init/dropout/batch-order seed (:func:`~allconv_cli.engine.attempt_seed`) and the same data split, ``tags`` and
+    parent, linked both ways (``Tag.COLLAPSE_RETRY_OF`` / ``Tag.COLLAPSE_RETRIED_BY``), each tagged ``Tag.ATTEMPT``
+    and ``Tag.INIT_SEED``; ``on_retry(collapsed, next_number, next_seed)`` is called before each restart, and
+    ``on_run_created`` and ``hooks`` see every attempt. This loop is the one place that restarts a collapsed run.
+    Each attempt's records (metrics, the last checkpoint and its upload) are complete when this returns or raises.
     """
     device = resolve_device(cfg.device)
-    source_run = resume_run_id or checkpoint_from_run
-    resume_path, problem, start_epoch = None, "", 0
-    number, seed = 1, cfg.seed
-    if source_run:
-        number, seed = _attempt_of(source_run, cfg.seed)
-        try:
-            resume_path = store.download_checkpoint(source_run)
-            start_epoch = load_checkpoint(resume_path)["epoch"]
-        except CheckpointError as exc:
-            if not restart_on_bad_checkpoint:
-                raise
-            resume_path, problem = None, str(exc)
-        except Exception as exc:  # no checkpoint was uploaded yet: nothing to resume
-            if not restart_on_bad_checkpoint:
-                raise
-            resume_path, problem = None, f"no usable checkpoint in run {source_run}: {exc}"
+    first = _starting_point(cfg, resume_run_id or checkpoint_from_run, restart_on_bad_checkpoint)
     data = data if data is not None else prepare_data(cfg)
-    resumed_from, first_problem = resume_path, problem
-    attempts: list[Attempt] = []
-    retry_of: str | None = None
+    start, attempts, retry_of = first, [], None
     while True:
-        run_id = _open_run(cfg, data, device, experiment=experiment, parent_run_id=parent_run_id, tags=tags,
-                           run_name=run_name if number == 1 or not run_name else f"{run_name}-attempt{number}",
-                           resume_run_id=resume_run_id, attempt=number, seed=seed, retry_of=retry_of)
+        name = run_name if start.attempt == 1 or not run_name else f"{run_name}-attempt{start.attempt}"
+        run_id = _open_run(cfg, data, device, start, experiment=experiment, parent_run_id=parent_run_id, tags=tags,
+                           run_name=name, resume_run_id=resume_run_id, retry_of=retry_of,
+                           checkpoint_from_run=checkpoint_from_run)
         if on_run_created is not None:
             on_run_created(run_id)
-        if problem:
-            store.client().set_tag(run_id, f"{store.TAG}checkpoint_problem", problem[:5000])
-        if checkpoint_from_run:
-            store.client().set_tag(run_id, f"{store.TAG}resumed_from_run", checkpoint_from_run)
-        result = _train_run(cfg, data, device, run_id, hooks=hooks, resume_path=resume_path, seed=seed,
-                            resumed=bool(resume_run_id), checkpoint_every=checkpoint_every, log_model=log_model,
-                            register=register)
-        attempts.append(Attempt(number, run_id, seed, result.status, result.reason))
-        if result.status != "collapsed" or number > cfg.collapse_retries:
+        result = _train_run(cfg, data, device, run_id, start, hooks=hooks, resumed=bool(resume_run_id),
+                            checkpoint_every=checkpoint_every, log_model=log_model, register=register)
+        attempts.append(Attempt(start.attempt, run_id, start.seed, result.status, result.reason))
+        if result.status != Status.COLLAPSED or start.attempt > cfg.collapse_retries:
             break
-        number, seed, retry_of = number + 1, attempt_seed(cfg.seed, number + 1), run_id
+        start, retry_of = _Start(attempt=start.attempt + 1, seed=attempt_seed(cfg.seed, start.attempt + 1)), run_id
         if on_retry is not None:
-            on_retry(attempts[-1], number, seed)
+            on_retry(attempts[-1], start.attempt, start.seed)
         resume_run_id = checkpoint_from_run = None  # a restart starts from scratch, as a new run
-        resume_path, problem = None, ""
-    if result.status == "collapsed" and len(attempts) > 1:
+    if result.status == Status.COLLAPSED and len(attempts) > 1:
         seeds = ", ".join(str(a.seed) for a in attempts)
         result.reason = f"{result.reason}; all {len(attempts)} attempts collapsed (seeds {seeds})"
-    resumed_from_epoch = start_epoch if resumed_from is not None and len(attempts) == 1 else 0
-    return RunOutcome(run_id, result, resumed_from_epoch=resumed_from_epoch, checkpoint_problem=first_problem,
+    resumed_from_epoch = first.epoch if first.path is not None and len(attempts) == 1 else 0
+    return RunOutcome(run_id, result, resumed_from_epoch=resumed_from_epoch, checkpoint_problem=first.problem,
                       attempts=tuple(attempts))
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a tracked run starts: a checkpoint (or none), why not when one was unusable, the attempt and seed."""
+
+    path: Path | None = None
+    epoch: int = 0
+    problem: str = ""
+    attempt: int = 1
+    seed: int = 0
+
+
+def _starting_point(cfg: TrainConfig, source_run: str | None, restart_on_bad_checkpoint: bool) -> _Start:
+    """The checkpoint of ``source_run`` (and the attempt it was), or a fresh start; an unusable checkpoint raises
+    unless ``restart_on_bad_checkpoint`` (then the problem is kept and training starts from scratch)."""
+    if not source_run:
+        return _Start(seed=cfg.seed)
+    number, seed = _attempt_of(source_run, cfg.seed)
+    try:
+        path = store.download_checkpoint(source_run)
+        return _Start(path, load_checkpoint(path)["epoch"], attempt=number, seed=seed)
+    except CheckpointError as exc:
+        if not restart_on_bad_checkpoint:
+            raise
+        problem = str(exc)
+    except Exception as exc:  # no checkpoint was uploaded yet: nothing to resume
+        if not restart_on_bad_checkpoint:
+            raise
+        problem = f"no usable checkpoint in run {source_run}: {exc}"
+    return _Start(problem=problem, attempt=number, seed=seed)
 
 
 def _attempt_of(run_id: str, seed: int) -> tuple[int, int]:
     """The attempt number and seed a run was trained with (runs from before attempts existed: 1 and ``seed``)."""
     try:
         found = store.get_run(run_id).data.tags
-        return int(found.get(f"{TAG}attempt", 1)), int(found.get(f"{TAG}init_seed", seed))
+        return int(found.get(Tag.ATTEMPT, 1)), int(found.get(Tag.INIT_SEED, seed))
     except Exception:  # an unreadable source run: the caller's checkpoint handling decides what happens
         return 1, seed
 
 
-def _open_run(cfg: TrainConfig, data: Dataset, device: torch.device, *, experiment: str, parent_run_id: str | None,
-              tags: dict[str, str] | None, run_name: str | None, resume_run_id: str | None, attempt: int, seed: int,
-              retry_of: str | None) -> str:
+def _open_run(cfg: TrainConfig, data: Dataset, device: torch.device, start: _Start, *, experiment: str,
+              parent_run_id: str | None, tags: dict[str, str] | None, run_name: str | None,
+              resume_run_id: str | None, retry_of: str | None, checkpoint_from_run: str | None) -> str:
     """Reopen ``resume_run_id``, or create a run (with its dataset input) for this attempt; returns its id."""
-    attempt_tags = {f"{TAG}precision": precision(device, cfg.amp)}
+    attempt_tags = {Tag.PRECISION: precision(device, cfg.amp)}
+    if start.problem:
+        attempt_tags[Tag.CHECKPOINT_PROBLEM] = start.problem[:5000]
+    if checkpoint_from_run:
+        attempt_tags[Tag.RESUMED_FROM_RUN] = checkpoint_from_run
     if resume_run_id:
         store.reopen_run(resume_run_id)
         store.set_tags(resume_run_id, attempt_tags)
         return resume_run_id
-    attempt_tags |= {f"{TAG}attempt": str(attempt), f"{TAG}init_seed": str(seed)}
+    attempt_tags |= {Tag.ATTEMPT: str(start.attempt), Tag.INIT_SEED: str(start.seed)}
     if retry_of:
-        attempt_tags[f"{TAG}collapse_retry_of"] = retry_of
+        attempt_tags[Tag.COLLAPSE_RETRY_OF] = retry_of
     run_id = store.start_run(
         cfg,
         experiment=experiment,
@@ -178,72 +190,77 @@ def _open_run(cfg: TrainConfig, data: Dataset, device: torch.device, *, experime
         data_fingerprint=data.fingerprint,
     )
     store.log_dataset(run_id, cfg, data.fingerprint, len(data.train), len(data.val) if data.val else 0,
-                         len(data.test))
+                      len(data.test))
     if retry_of:
-        store.set_tags(retry_of, {f"{TAG}collapse_retried_by": run_id})
+        store.set_tags(retry_of, {Tag.COLLAPSE_RETRIED_BY: run_id})
     return run_id
 
 
-def _train_run(cfg: TrainConfig, data: Dataset, device: torch.device, run_id: str, *, hooks: Sequence[Hooks],
-               resume_path: Path | None, seed: int, resumed: bool, checkpoint_every: int, log_model: bool,
+def _train_run(cfg: TrainConfig, data: Dataset, device: torch.device, run_id: str, start: _Start, *,
+               hooks: Sequence[Hooks], resumed: bool, checkpoint_every: int, log_model: bool,
                register: str | None) -> TrainResult:
-    """Train one attempt into ``run_id`` and record how it ended (an exception marks the run failed or killed)."""
+    """Train one attempt into ``run_id`` and record how it ended (an exception marks the run failed or killed).
+
+    ``engine.train`` returns or raises only once its writer thread has written and uploaded every record."""
     all_hooks = HookList([MlflowHooks(run_id, checkpoint_every), *hooks])
     with tempfile.TemporaryDirectory(prefix="allconv-ckpt-") as checkpoint_dir, \
             store.system_metrics(run_id, resume=resumed):
         try:
             result = train(cfg, data, device=device, checkpoint_dir=Path(checkpoint_dir), hooks=all_hooks,
-                           resume_from=resume_path, seed=seed)
+                           resume_from=start.path, seed=start.seed)
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                interrupted = isinstance(exc, KeyboardInterrupt)
-                store.mark_failed(run_id, f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
+                status = Status.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else Status.FAILED
+                store.mark_failed(run_id, f"{type(exc).__name__}: {exc}", status.mlflow)
             raise
+        result.status = Status(result.status)
         finish_run(run_id, result, cfg=cfg, data=data, log_model=log_model, register=register)
     return result
 
 
 class MlflowHooks(Hooks):
-    """Logs each epoch's metrics in one batch call and uploads the rolling ``last`` and ``best`` checkpoints."""
+    """Logs each epoch's metrics in one batch call and uploads the rolling ``last`` and ``best`` checkpoints.
+
+    Both run on the engine's writer thread (``on_epoch_record``, ``on_checkpoint``): the training thread never waits
+    on the store. An upload that fails after :func:`~allconv_cli.tracking.store.retrying`'s budget raises there and
+    ends the run on the training thread.
+    """
 
     def __init__(self, run_id: str, checkpoint_every: int = 1) -> None:
         self.run_id = run_id
         self.checkpoint_every = max(1, checkpoint_every)
-        self.client = client()
 
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, metrics.epoch) for k, v in metrics.as_dict().items() if k != "epoch"]
-        retrying(self.client.log_batch, self.run_id, metrics=batch)
+    def on_epoch_record(self, metrics: EpochMetrics) -> None:
+        store.log_metrics(self.run_id, {k: v for k, v in metrics.as_dict().items() if k != "epoch"},
+                          step=metrics.epoch)
 
     def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
         if kind == "last" and epoch % self.checkpoint_every:
             return
-        retrying(self.client.log_artifact, self.run_id, str(path), "checkpoints")
-        retrying(self.client.set_tag, self.run_id, f"{TAG}checkpoint_{kind}_epoch", str(epoch))
+        retrying(client().log_artifact, self.run_id, str(path), Artifact.CHECKPOINTS)  # store.log_artifact on main
+        store.set_tags(self.run_id, {Tag.CHECKPOINT_LAST_EPOCH if kind == "last" else Tag.CHECKPOINT_BEST_EPOCH:
+                                     str(epoch)})
 
 
 def finish_run(run_id: str, result: TrainResult, *, cfg: TrainConfig | None = None, data: Dataset | None = None,
                log_model: bool = True, register: str | None = None) -> None:
     """Record the outcome: final metrics, status and reason tags, the models, and the MLflow run status."""
-    mlc = client()
-    now = int(time.time() * 1000)
-    final = {
-        "test_accuracy": result.test_accuracy,
-        "test_loss": result.test_loss,
-        "test_error": result.test_error,
-        "final_val_accuracy": result.val_accuracy,
-        "best_val_accuracy": result.best_val_accuracy,
-        "mean_images_per_second": result.images_per_second,
-        "total_seconds": result.seconds,
-    }
-    metrics = [Metric(k, float(v), now, result.epochs_completed) for k, v in final.items() if v is not None]
-    tags = [RunTag(f"{TAG}status", result.status), RunTag(f"{TAG}epochs_completed", str(result.epochs_completed))]
+    status = Status(result.status)
+    store.log_metrics(run_id, {
+        Metric.TEST_ACCURACY: result.test_accuracy,
+        Metric.TEST_LOSS: result.test_loss,
+        Metric.TEST_ERROR: result.test_error,
+        Metric.FINAL_VAL_ACCURACY: result.val_accuracy,
+        Metric.BEST_VAL_ACCURACY: result.best_val_accuracy,
+        Metric.MEAN_IMAGES_PER_SECOND: result.images_per_second,
+        Metric.TOTAL_SECONDS: result.seconds,
+    }, step=result.epochs_completed)
+    tags = {Tag.STATUS: status.value, Tag.EPOCHS_COMPLETED: str(result.epochs_completed)}
     if result.dead_classes:  # a partly (or wholly) dead head: these classes had no positive score on validation
-        tags.append(RunTag(f"{TAG}dead_classes", ",".join(map(str, result.dead_classes))))
+        tags[Tag.DEAD_CLASSES] = ",".join(map(str, result.dead_classes))
     if result.reason:
-        tags.append(RunTag(f"{TAG}reason", result.reason[:5000]))
-    retrying(mlc.log_batch, run_id, metrics=metrics, tags=tags)
-    if log_model and result.status == "finished" and cfg is not None and data is not None:
+        tags[Tag.REASON] = result.reason
+    store.set_tags(run_id, tags)
+    if log_model and status == Status.FINISHED and cfg is not None and data is not None:
         log_models(run_id, cfg, result.model, data, register=register)
-    retrying(mlc.set_terminated, run_id, RUN_STATUS.get(result.status, "FINISHED"))
+    store.set_run_status(run_id, status.mlflow)
