@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one epoch costs beyond its training step: evaluation, checkpoint, upload and metric logging, measured.
 
-A tracked run (:func:`allconv_cli.tracked_run.run_tracked`, as ``allconv train`` makes it) on fake data on this
+A tracked run (:func:`allconv_cli.tracking.run.run_tracked`, as ``allconv train`` makes it) on fake data on this
 machine's CPU, ``--subset 1000 --val-size 100``, 8 epochs, against (a) a local SQLite MLflow store (MLflow's default
 ``sqlite:///mlflow.db`` in a temporary folder) and (b) an ``mlflow server`` on that kind of store
 (``tests/services.py``). Per epoch it reports:
@@ -43,7 +43,7 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
     """One tracked run against ``store`` (sqlite or server) in a fresh temporary folder; the timings per epoch."""
     from allconv_cli import engine, runtime
     from allconv_cli.config import TrainConfig
-    from allconv_cli.tracked_run import run_tracked
+    from allconv_cli.tracking.run import run_tracked
 
     runtime.configure()
     folder, home = Path(tempfile.mkdtemp(prefix=f"allconv-overhead-{store}-")), Path.cwd()

@@ -19,7 +19,7 @@ from allconv_cli.config import TrainConfig
 from allconv_cli.data import load_dataset
 from allconv_cli.engine import EpochMetrics, Hooks, load_checkpoint, train
 from allconv_cli.errors import AllconvError
-from allconv_cli.tracked_run import MlflowHooks, run_tracked
+from allconv_cli.tracking.run import MlflowHooks, run_tracked
 from allconv_cli.tracking.schema import Status, Tag
 
 CPU = torch.device("cpu")

@@ -29,10 +29,9 @@ from allconv_cli.engine import (
     resolve_device,
     train,
 )
-from allconv_cli.served_model import log_models
 from allconv_cli.tracking import store
+from allconv_cli.tracking.model import log_models
 from allconv_cli.tracking.schema import Artifact, Metric, Status, Tag
-from allconv_cli.tracking.store import client, retrying
 
 
 @dataclass(frozen=True)
@@ -96,28 +95,28 @@ def run_tracked(
     Each attempt's records (metrics, the last checkpoint and its upload) are complete when this returns or raises.
     """
     device = resolve_device(cfg.device)
-    first = _starting_point(cfg, resume_run_id or checkpoint_from_run, restart_on_bad_checkpoint)
     data = data if data is not None else prepare_data(cfg)
-    start, attempts, retry_of = first, [], None
-    while True:
-        name = run_name if start.attempt == 1 or not run_name else f"{run_name}-attempt{start.attempt}"
-        run_id = _open_run(cfg, data, device, start, experiment=experiment, parent_run_id=parent_run_id, tags=tags,
-                           run_name=name, resume_run_id=resume_run_id, retry_of=retry_of,
-                           checkpoint_from_run=checkpoint_from_run)
-        if on_run_created is not None:
-            on_run_created(run_id)
-        result = _train_run(cfg, data, device, run_id, start, hooks=hooks, resumed=bool(resume_run_id),
-                            checkpoint_every=checkpoint_every, log_model=log_model, register=register)
-        attempts.append(Attempt(start.attempt, run_id, start.seed, result.status, result.reason))
-        if result.status != Status.COLLAPSED or start.attempt > cfg.collapse_retries:
-            break
-        start, retry_of = _Start(attempt=start.attempt + 1, seed=attempt_seed(cfg.seed, start.attempt + 1)), run_id
-        if on_retry is not None:
-            on_retry(attempts[-1], start.attempt, start.seed)
-        resume_run_id = checkpoint_from_run = None  # a restart starts from scratch, as a new run
+    with tempfile.TemporaryDirectory(prefix=store.CHECKPOINT_PREFIX) as downloads:  # removed however this ends
+        first = _starting_point(cfg, resume_run_id or checkpoint_from_run, restart_on_bad_checkpoint, Path(downloads))
+        start, attempts, retry_of = first, [], None
+        while True:
+            name = run_name if start.attempt == 1 or not run_name else f"{run_name}-attempt{start.attempt}"
+            run_id = _open_run(cfg, data, device, start, experiment=experiment, parent_run_id=parent_run_id,
+                               tags=tags, run_name=name, resume_run_id=resume_run_id, retry_of=retry_of,
+                               checkpoint_from_run=checkpoint_from_run)
+            if on_run_created is not None:
+                on_run_created(run_id)
+            result = _train_run(cfg, data, device, run_id, start, hooks=hooks, resumed=bool(resume_run_id),
+                                checkpoint_every=checkpoint_every, log_model=log_model, register=register)
+            attempts.append(Attempt(start.attempt, run_id, start.seed, result.status, result.reason))
+            if result.status != Status.COLLAPSED or start.attempt > cfg.collapse_retries:
+                break
+            start, retry_of = _Start(attempt=start.attempt + 1, seed=attempt_seed(cfg.seed, start.attempt + 1)), run_id
+            if on_retry is not None:
+                on_retry(attempts[-1], start.attempt, start.seed)
+            resume_run_id = checkpoint_from_run = None  # a restart starts from scratch, as a new run
     if result.status == Status.COLLAPSED and len(attempts) > 1:
-        seeds = ", ".join(str(a.seed) for a in attempts)
-        result.reason = f"{result.reason}; all {len(attempts)} attempts collapsed (seeds {seeds})"
+        result.reason += f"; all {len(attempts)} attempts collapsed (seeds {', '.join(str(a.seed) for a in attempts)})"
     resumed_from_epoch = first.epoch if first.path is not None and len(attempts) == 1 else 0
     return RunOutcome(run_id, result, resumed_from_epoch=resumed_from_epoch, checkpoint_problem=first.problem,
                       attempts=tuple(attempts))
@@ -134,14 +133,15 @@ class _Start:
     seed: int = 0
 
 
-def _starting_point(cfg: TrainConfig, source_run: str | None, restart_on_bad_checkpoint: bool) -> _Start:
+def _starting_point(cfg: TrainConfig, source_run: str | None, restart_on_bad_checkpoint: bool,
+                    downloads: Path) -> _Start:
     """The checkpoint of ``source_run`` (and the attempt it was), or a fresh start; an unusable checkpoint raises
     unless ``restart_on_bad_checkpoint`` (then the problem is kept and training starts from scratch)."""
     if not source_run:
         return _Start(seed=cfg.seed)
     number, seed = _attempt_of(source_run, cfg.seed)
     try:
-        path = store.download_checkpoint(source_run)
+        path = store.download_checkpoint(source_run, "last", downloads)
         return _Start(path, load_checkpoint(path)["epoch"], attempt=number, seed=seed)
     except CheckpointError as exc:
         if not restart_on_bad_checkpoint:
@@ -237,7 +237,7 @@ class MlflowHooks(Hooks):
     def on_checkpoint(self, path: Path, kind: str, epoch: int) -> None:
         if kind == "last" and epoch % self.checkpoint_every:
             return
-        retrying(client().log_artifact, self.run_id, str(path), Artifact.CHECKPOINTS)  # store.log_artifact on main
+        store.log_artifact(self.run_id, str(path), Artifact.CHECKPOINTS)
         store.set_tags(self.run_id, {Tag.CHECKPOINT_LAST_EPOCH if kind == "last" else Tag.CHECKPOINT_BEST_EPOCH:
                                      str(epoch)})
 
