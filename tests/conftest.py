@@ -80,13 +80,18 @@ def mlflow_server(postgres: services.Postgres, tmp_path_factory: pytest.TempPath
         services.MlflowServer]:
     """``mlflow server`` on 127.0.0.1 storing runs in PostgreSQL and serving artifacts from a temp folder."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    server, error = services.MlflowServer(postgres.url("mlflow"), root, workers=1), ""
+    yield from serve(services.MlflowServer(postgres.url("mlflow"), root, workers=1), "the MLflow server")
+
+
+def serve(server: services.MlflowServer, what: str) -> Iterator[services.MlflowServer]:
+    """A fixture's body: start ``server`` (a failed start fails the test in one message), yield it, stop it."""
+    error = ""
     try:
         server.start()
     except services.ServiceError as exc:
-        error = str(exc)
+        error = str(exc)  # failed outside the except block: no chained traceback
     if error:
-        pytest.fail(f"the MLflow server could not be started: {error}", pytrace=False)
+        pytest.fail(f"{what} could not be started: {error}", pytrace=False)
     yield server
     server.stop(timeout=3)
 

@@ -90,7 +90,8 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a daemon's log, for an error message."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -213,14 +214,14 @@ class Postgres:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise ServiceError(f"postgres exited with {self.proc.returncode}; {self.log}:\n{_tail(self.log)}")
+                raise ServiceError(f"postgres exited with {self.proc.returncode}; {self.log}:\n{tail(self.log)}")
             try:
                 with self._connect():
                     return
             except Exception as exc:
                 if time.monotonic() > deadline:
                     raise ServiceError(f"postgres not ready after {timeout:.0f}s ({exc}); {self.log}:\n"
-                                       f"{_tail(self.log)}") from None
+                                       f"{tail(self.log)}") from None
                 time.sleep(0.3)
 
     def _create_databases(self) -> None:
@@ -303,7 +304,7 @@ class MlflowServer:
             wait_healthy(self.uri, timeout, self.proc)
         except ServiceError as exc:
             self.stop()
-            raise ServiceError(f"{exc}; {self.log}:\n{_tail(self.log)}") from None
+            raise ServiceError(f"{exc}; {self.log}:\n{tail(self.log)}") from None
         return self
 
     def add_user(self, username: str, password: str) -> str:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services import free_port
+from services import free_port, tail
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
@@ -66,12 +66,6 @@ class Job:
         keys = ("JobId", "ArrayJobId", "ArrayTaskId", "JobState", "Reason", "ExitCode", "StartTime", "EndTime")
         return " ".join(f"{k}={self.fields[k]}" for k in keys if k in self.fields)
 
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 class SlurmCluster:
@@ -252,7 +246,7 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def logs(self) -> str:
         parts = []
         for path in sorted((self.root / "log").glob("*")):
-            parts.append(f"==== {path.name}\n{_tail(path)}")
+            parts.append(f"==== {path.name}\n{tail(path)}")
         return "\n".join(parts)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import services
+from conftest import serve
 
 pytestmark = pytest.mark.services
 
@@ -46,15 +47,7 @@ def auth_server(postgres: services.Postgres, tmp_path_factory: pytest.TempPathFa
     postgres.reset_database("mlflow_auth")
     server = services.MlflowServer(postgres.url("mlflow_auth"), tmp_path_factory.mktemp("mlflow-auth"), workers=1,
                                    auth=True)
-    error = ""
-    try:
-        server.start()
-    except services.ServiceError as exc:
-        error = str(exc)
-    if error:
-        pytest.fail(f"the MLflow server with basic auth could not be started: {error}", pytrace=False)
-    yield server
-    server.stop(timeout=3)
+    yield from serve(server, "the MLflow server with basic auth")
 
 
 def train(server: services.MlflowServer, tmp_path: Path, **credentials: str) -> subprocess.CompletedProcess[str]:

@@ -42,6 +42,17 @@ def _check_maps(outputs: list[torch.Tensor], info: FeatureInfo, inputs: torch.Te
         assert not torch.isnan(output).any()
 
 
+def _check_backward(model: nn.Module, outputs: torch.Tensor, num_params: int) -> None:
+    """timm's backward checks: every parameter gets a gradient, 42 classes out, no NaN."""
+    outputs.mean().backward()
+    for n, x in model.named_parameters():
+        assert x.grad is not None, f"No gradient for {n}"
+    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
+    assert outputs.shape[-1] == 42
+    assert num_params == num_grad, "Some parameters are missing gradients"
+    assert not torch.isnan(outputs).any(), "Output included NaNs"
+
+
 def _fx_model(model: nn.Module, train: bool = False) -> nn.Module:
     """torchvision's feature extractor over timm's leaf modules and functions, returning the graph's output (in train
     mode: the nodes that feed it), as timm's tests build it."""
@@ -79,13 +90,7 @@ def test_model_backward(model_name: str) -> None:
     num_params = sum(x.numel() for x in model.parameters())
     model.train()
     outputs = model(_input(model_name, 2))
-    outputs.mean().backward()
-    for n, x in model.named_parameters():
-        assert x.grad is not None, f"No gradient for {n}"
-    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
-    assert outputs.shape[-1] == 42
-    assert num_params == num_grad, "Some parameters are missing gradients"
-    assert not torch.isnan(outputs).any(), "Output included NaNs"
+    _check_backward(model, outputs, num_params)
 
 
 @pytest.mark.unit
@@ -221,13 +226,7 @@ def test_model_backward_fx(model_name: str) -> None:
     num_params = sum(x.numel() for x in model.parameters())
     model = _fx_model(model, train=True)
     outputs = torch.cat(tuple(model(_input(model_name, 2)).values()))
-    outputs.mean().backward()
-    for n, x in model.named_parameters():
-        assert x.grad is not None, f"No gradient for {n}"
-    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
-    assert outputs.shape[-1] == 42
-    assert num_params == num_grad, "Some parameters are missing gradients"
-    assert not torch.isnan(outputs).any(), "Output included NaNs"
+    _check_backward(model, outputs, num_params)
 
 
 @pytest.mark.e2e
