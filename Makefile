@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test-deps test test-fast demo lint bench-search docker-test slurm-test k8s-test
+.PHONY: install test-deps test test-fast demo lint bench-search bench-epoch docker-test slurm-test k8s-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,12 @@ bench-search: install
 	rm -rf $(BENCH_DIR) && mkdir -p $(BENCH_DIR)
 	cd $(BENCH_DIR) && $(abspath $(VENV))/bin/allconv search --model A --branch strided --device cpu \
 		--data-dir $(abspath $(DATA_DIR)) --subset 2000 --val-size 1000 --test-size 2000 --epochs 2 --trials 6
+
+# Issue 18's epoch-overhead figure: per epoch the training step, the evaluation pass and the whole epoch cycle of a
+# tracked run (fake data, --subset 1000 --val-size 100, 8 epochs, this machine's CPU), against a local SQLite MLflow
+# store and an `mlflow server`. The target: median(cycle - training step) <= 20 ms, evaluation pass aside.
+bench-epoch: install
+	$(PY) benchmarks/epoch_overhead.py
 
 # The Dockerfile and docker-compose.yml built and run for real (scripts/docker-test.sh; needs no .venv): skipped with
 # the reason where no Docker engine can run.

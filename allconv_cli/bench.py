@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from allconv_cli.config import TrainConfig
-from allconv_cli.data import random_split
+from allconv_cli.data import Split, random_split
 from allconv_cli.engine import build_model, evaluate, resolve_device, setup, train_epoch
 
 
@@ -64,16 +65,18 @@ def bench(
     baseline: bool = False,
     baseline_workers: int = 0,
     rounds: int = 1,
+    say: Callable[[str], None] = lambda text: None,
 ) -> BenchResult:
     """Time ``steps`` training steps of ``cfg``'s network (after ``warmup`` steps) and an evaluation pass.
 
     With ``rounds`` > 1 the timed steps (and the baseline, when asked) run that many times, alternating, and the
     best round of each counts: on a shared machine, best-of-N is the figure least disturbed by other load.
+    ``say`` hears each stage as it starts (a slow CPU takes minutes: the user sees what is being timed).
     """
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    state = setup(cfg, 10, device)
+    state = setup(cfg, 10, device, steps=steps)
 
     def run(n_steps: int) -> float:
         train = random_split(n_steps * cfg.batch_size, device)
@@ -83,19 +86,17 @@ def bench(
         _sync(device)
         return time.perf_counter() - start
 
+    say(f"warm-up: {warmup} step{'s' * (warmup != 1)}")
     run(warmup)
     seconds, baseline_ips = float("inf"), 0.0
-    for _ in range(max(1, rounds)):
+    for round_ in range(1, max(1, rounds) + 1):
+        say(f"round {round_}: {steps} training steps" if rounds > 1 else f"{steps} training steps")
         seconds = min(seconds, run(steps))
         if baseline:
+            say(f"baseline: {warmup} + {steps} steps through a DataLoader, PIL and ToTensor/Normalize")
             baseline_ips = max(baseline_ips, baseline_loop(cfg, steps=steps, warmup=warmup, workers=baseline_workers))
-    test = random_split(eval_images, device, seed=1)
-    evaluate(state.model, test, amp=cfg.amp)  # warm-up of the eval shapes
-    _sync(device)
-    start = time.perf_counter()
-    evaluate(state.model, test, amp=cfg.amp)
-    _sync(device)
-    eval_seconds = time.perf_counter() - start
+    say(f"evaluation: {eval_images:,} images")
+    eval_seconds = _time_evaluation(state.model, random_split(eval_images, device, seed=1), cfg.amp, device)
     result = BenchResult(
         device=str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         batch_size=cfg.batch_size,
@@ -111,6 +112,16 @@ def bench(
         result.baseline_images_per_second = baseline_ips
         result.speedup_vs_baseline = result.train_images_per_second / result.baseline_images_per_second
     return result
+
+
+def _time_evaluation(model: torch.nn.Module, split: Split, amp: bool, device: torch.device) -> float:
+    """Seconds of one evaluation pass over ``split``, after one untimed pass (the eval shapes' warm-up)."""
+    evaluate(model, split, amp=amp)
+    _sync(device)
+    start = time.perf_counter()
+    evaluate(model, split, amp=amp)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 class _UInt8Images(torch.utils.data.Dataset):

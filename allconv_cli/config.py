@@ -119,9 +119,11 @@ class TrainConfig:
     momentum: float = _field(paper.MOMENTUM, "Momentum of sgd/nesterov (beta1 of adam).", "optimisation", low=0,
                              high=1, high_open=True)
     weight_decay: float = _field(paper.WEIGHT_DECAY, "Weight decay on every parameter.", "optimisation", low=0)
-    epochs: int = _field(paper.EPOCHS, "Training epochs.", "optimisation", low=1)
+    epochs: int = _field(paper.EPOCHS, "Training epochs (the lr decays scale with them: see --milestones).",
+                         "optimisation", low=1)
     milestones: tuple[int, ...] | None = _field(
-        None, "Epochs after which lr x --lr-gamma, e.g. 200,250,300 [default: 4/7, 5/7, 6/7 of --epochs].",
+        None, "Epochs after which lr x --lr-gamma, e.g. 200,250,300 [default: after 4/7, 5/7 and 6/7 of all optimizer "
+        "steps: epochs 200, 250, 300 of 350; a short run decays inside an epoch, so --epochs 2 keeps the shape].",
         "optimisation", sampleable=False)
     lr_gamma: float = _field(paper.LR_GAMMA, "Factor applied to the lr at each milestone.", "optimisation", low=0,
                              high=1, low_open=True)
@@ -176,11 +178,27 @@ class TrainConfig:
             ):
                 raise AllconvError(f"milestones={list(self.milestones)}: give increasing epochs in 1..{self.epochs}")
 
-    def lr_milestones(self) -> list[int]:
-        """Epochs after which the lr is multiplied by ``lr_gamma`` (``MultiStepLR`` semantics)."""
+    def lr_milestones(self) -> list[float]:
+        """Epochs after which the lr is multiplied by ``lr_gamma``: what the ``lr_milestones`` param records.
+
+        ``--milestones`` as given; by default 4/7, 5/7 and 6/7 of ``--epochs``, to 3 decimals (whole numbers for
+        350 epochs: 200, 250, 300). A fractional one decays after the optimizer step nearest to that point
+        (:meth:`lr_milestone_steps`), so a 2-epoch run still has its three decays in the second epoch's steps.
+        """
         if self.milestones is not None:
             return list(self.milestones)
-        return [max(1, round(self.epochs * k / 7)) for k in (4, 5, 6)]
+        return [_number(round(self.epochs * k / 7, 3)) for k in DEFAULT_DECAYS]
+
+    def lr_milestone_steps(self, steps_per_epoch: int) -> list[int]:
+        """Optimizer steps after which the lr is multiplied by ``lr_gamma`` (``MultiStepLR`` stepped per step).
+
+        ``--milestones`` are epochs: ``m`` is step ``m * steps_per_epoch``, the end of epoch ``m``. The default
+        places the decays at 4/7, 5/7 and 6/7 of all steps: for 350 epochs exactly the ends of epochs 200, 250, 300.
+        """
+        if self.milestones is not None:
+            return [m * steps_per_epoch for m in self.milestones]
+        total = self.epochs * steps_per_epoch
+        return [max(1, round(total * k / 7)) for k in DEFAULT_DECAYS]
 
     @property
     def registry_name(self) -> str:
@@ -251,6 +269,14 @@ class TrainConfig:
             else:
                 args += [flag, str(value)]
         return shlex.join(args)
+
+
+DEFAULT_DECAYS = (4, 5, 6)  # sevenths of the run after which the lr decays: the paper's 200, 250, 300 of 350 epochs
+
+
+def _number(x: float) -> float | int:
+    """``x`` as an int when it is whole (the param then reads [200, 250, 300], not [200.0, ...])."""
+    return int(x) if x == int(x) else x
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}

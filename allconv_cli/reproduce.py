@@ -272,7 +272,7 @@ def selected_trial(study: Any) -> Any:
 def final_run(outcome: Any, name: str, console: Any) -> Any:
     """Retrain the validated study's chosen lr on all training images (val_size=0, same epochs), tested once, as a
     child run tagged ``allconv.role=final`` (search's ``retrain_best``, which skips it when already done); returns
-    its :class:`~allconv_cli.tracked_run.RunOutcome`, or None when no lr finished or it was trained before."""
+    its :class:`~allconv_cli.tracking.run.RunOutcome`, or None when no lr finished or it was trained before."""
     from allconv_cli.search.parent import retrain_best
 
     trial = selected_trial(outcome.study)

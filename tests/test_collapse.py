@@ -26,7 +26,7 @@ from allconv_cli.cli import main
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import load_dataset
 from allconv_cli.engine import attempt_seed, precision, train
-from allconv_cli.evaluation import dead_from_range
+from allconv_cli.evaluation import CollapseWatch, Evaluation, dead_from_range
 
 CPU = torch.device("cpu")
 # A with strided convs and no BN, fake data (10,000 images, the default fake size), 20 steps of 16 per epoch
@@ -89,6 +89,34 @@ def test_dead_classes_from_the_score_range() -> None:
     assert dead_from_range(high, low, head_relu=True) == (1, 2)  # never positive: no gradient through the ReLU
     assert dead_from_range(high, low, head_relu=False) == (1, 3)  # the same score for every input
     assert TrainConfig().collapse_retries == 2
+
+
+@pytest.mark.unit
+def test_the_collapse_watch_counts_dead_epochs_in_a_row_and_decides() -> None:
+    """The one rule: dead (constant output, or every class channel dead with the head's ReLU) for
+    ``collapse_patience`` epochs in a row, or still dead after the last epoch; a live epoch resets the count."""
+
+    class State:
+        epoch, constant_epochs = 0, 0
+
+    alive = Evaluation(2.0, 0.3, (3,), constant=False)
+    head_dead = Evaluation(2.3, 0.1, tuple(range(10)), constant=False)
+    constant = Evaluation(2.3, 0.1, (), constant=True)
+    watch, state = CollapseWatch(tiny(epochs=10, collapse_patience=2), 10), State()
+    verdicts = []
+    for state.epoch, evaluation in enumerate([head_dead, alive, constant, constant, alive], start=1):
+        verdicts.append(watch.observe(state, evaluation))
+    assert verdicts[:3] == [None, None, None] and verdicts[4] is None and state.constant_epochs == 0
+    assert "same for every input" in verdicts[3] and "2 epoch(s) in a row" in verdicts[3]
+    assert "stopped after epoch 4" in verdicts[3] and watch.dead_classes == (3,)
+    last = CollapseWatch(tiny(epochs=1, collapse_patience=5), 10)
+    state = State()
+    state.epoch = 1
+    assert "every class score was <= 0" in last.observe(state, head_dead)
+    assert "still dead after the last epoch (1)" in last.observe(state, head_dead)
+    assert CollapseWatch(tiny(epochs=1, collapse_patience=0), 10).observe(state, head_dead) is None
+    linear = CollapseWatch(tiny(epochs=1, head_relu=False, collapse_patience=1), 10)
+    assert linear.observe(state, head_dead) is None, "without the head's ReLU, negative scores still pass gradient"
 
 
 @pytest.mark.e2e

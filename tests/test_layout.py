@@ -113,7 +113,7 @@ def test_only_the_cli_imports_the_cli() -> None:
 
 
 def test_engine_knows_nothing_of_tracking_search_or_the_cli() -> None:
-    forbidden = ("allconv_cli.tracking", "allconv_cli.tracked_run", "allconv_cli.search", "allconv_cli.cli",
+    forbidden = ("allconv_cli.tracking", "allconv_cli.tracking.run", "allconv_cli.search", "allconv_cli.cli",
                  "mlflow", "optuna")
     assert not offenders("allconv_cli.engine", forbidden)
 

@@ -140,8 +140,8 @@ def test_corrupted_checkpoint_restarts_the_trial_from_scratch(
     """A retried trial whose dead run's ``checkpoints/last.pt`` is garbage (through the server): detected, recorded on
     the new run, and the trial trains from epoch 1 instead of crashing."""
     from allconv_cli.config import TrainConfig
-    from allconv_cli.tracked_run import run_tracked
     from allconv_cli.tracking import store
+    from allconv_cli.tracking.run import run_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "cache"))
@@ -164,7 +164,7 @@ def test_corrupted_checkpoint_restarts_the_trial_from_scratch(
     steps = [m.step for m in store.client().get_metric_history(outcome.run_id, "val_accuracy")]
     assert sorted(steps) == [1, 2], "trained from scratch: every epoch logged on the new run"
     # and the new run's own checkpoint is a good one, downloadable through the server
-    good = store.download_checkpoint(outcome.run_id)
+    good = store.download_checkpoint(outcome.run_id, "last", tmp_path / "good")
     assert torch.load(good, weights_only=True)["epoch"] == 2
 
 

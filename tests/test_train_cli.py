@@ -98,7 +98,7 @@ def test_real_data_run_is_fully_tracked(real_run: tuple[Path, dict]) -> None:
     run = client.get_run(out["run_id"])
     assert run.data.params["lr"] == "0.05" and run.data.params["subset"] == "2000"
     assert run.data.params["test_size"] == "2000"
-    assert run.data.params["weight_decay"] == "0.001" and run.data.params["lr_milestones"] == "[1, 1, 2]"
+    assert run.data.params["weight_decay"] == "0.001" and run.data.params["lr_milestones"] == "[1.143, 1.429, 1.714]"
     assert run.data.tags["allconv.model"] == "A" and run.data.tags["allconv.branch"] == "strided"
     assert run.data.tags["allconv.status"] == "finished" and run.info.status == "FINISHED"
     assert len(run.data.tags["allconv.data_hash"]) >= 8 and run.data.tags["allconv.device"] == "cpu"

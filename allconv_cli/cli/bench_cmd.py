@@ -63,14 +63,14 @@ def bench_command(
     on_gpu = resolve_device(device).type == "cuda"
     cfg = TrainConfig(model=model, branch=branch, batch_size=batch_size, device=device, compile=compile,
                       compile_mode=compile_mode, amp=amp, bn=bn)
-    result = bench(
-        cfg,
-        steps=steps or (200 if on_gpu else 20),
-        warmup=warmup or (30 if on_gpu else 3),
-        rounds=rounds,
-        baseline=baseline,
-        baseline_workers=baseline_workers,
-    )
+    steps, warmup = steps or (200 if on_gpu else 20), warmup or (30 if on_gpu else 3)
+    console = Console(stderr=as_json)  # --json keeps stdout to the one JSON object
+    console.print(f"allconv bench: {cfg.registry_name}, batch {cfg.batch_size}, on {resolve_device(device)}: "
+                  f"{warmup} warm-up + {steps} timed training steps, then an evaluation pass"
+                  + (", then the same steps as a plain DataLoader + NCHW loop (--baseline)" if baseline else "")
+                  + (f", best of {rounds} rounds" if rounds > 1 else ""), highlight=False)
+    result = bench(cfg, steps=steps, warmup=warmup, rounds=rounds, baseline=baseline,
+                   baseline_workers=baseline_workers, say=lambda text: console.print(f"  {text}", highlight=False))
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return
@@ -90,4 +90,4 @@ def bench_command(
         ]
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console.print(table)

@@ -63,8 +63,8 @@ def train_command(
 
     from allconv_cli.config import TrainConfig
     from allconv_cli.progress import RichProgress, summary_table
-    from allconv_cli.tracked_run import run_tracked
     from allconv_cli.tracking import store
+    from allconv_cli.tracking.run import run_tracked
     from allconv_cli.tracking.schema import Status
 
     console = Console(stderr=as_json)

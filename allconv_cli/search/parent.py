@@ -29,8 +29,8 @@ from allconv_cli.search.budget import count_trials
 from allconv_cli.search.plan import OBJECTIVES, SearchSettings, StudyRun
 from allconv_cli.search.storage import wait_for_attr
 from allconv_cli.stores import safe_url
-from allconv_cli.tracked_run import RunOutcome, prepare_data, run_tracked
 from allconv_cli.tracking import store
+from allconv_cli.tracking.run import RunOutcome, prepare_data, run_tracked
 from allconv_cli.tracking.schema import (
     BEST_PARAM_PREFIX,
     Artifact,

@@ -4,7 +4,7 @@
 ``--trials`` counted trials. A :class:`Worker` runs one trial at a time through Optuna's ``study.optimize`` (it asks,
 a re-queued trial first, beats the trial's heartbeat and fails lost workers' trials); the :class:`Objective` samples,
 skips repeats and surplus trials, and trains the config as an MLflow child run. The trial's path:
-``Worker.run -> study.optimize -> Objective.__call__ -> tracked_run.run_tracked -> engine.train``.
+``Worker.run -> study.optimize -> Objective.__call__ -> tracking.run.run_tracked -> engine.train``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from allconv_cli.search.distinct import repeated
 from allconv_cli.search.plan import SearchSettings, StudyRun
 from allconv_cli.search.view import SearchView
 from allconv_cli.stores import safe_url
-from allconv_cli.tracked_run import run_tracked
 from allconv_cli.tracking import store
+from allconv_cli.tracking.run import run_tracked
 from allconv_cli.tracking.schema import RESTARTED, Role, Status, StudyAttr, StudyState, Tag, TrialAttr, trial_state_name
 
 MAX_REPEATS = 20  # draws in a row that repeat tried values, after which a worker stops: the space is used up

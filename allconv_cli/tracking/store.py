@@ -32,12 +32,9 @@ from allconv_cli import __version__, stores
 from allconv_cli.config import TrainConfig
 from allconv_cli.errors import AllconvError
 from allconv_cli.tracking.retry import retrying, shown_uri
-from allconv_cli.tracking.schema import EXPERIMENT_KIND, PREFIX, Artifact, MlflowTag, Status, Tag
+from allconv_cli.tracking.schema import EXPERIMENT_KIND, Artifact, MlflowTag, Status, Tag
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # `mlflow ui` in the folder of mlflow.db
-# For search/ and tracked_run.py until they move to the schema (Tag.X, Status(...).mlflow); nothing else uses them.
-TAG = PREFIX
-RUN_STATUS = {status.value: status.mlflow for status in Status}
 CHECKPOINT_PREFIX = "allconv-resume-"
 
 
@@ -51,7 +48,7 @@ def tracking_uri() -> str:
 
 
 def client() -> MlflowClient:
-    """The MLflow client of :func:`tracking_uri`. For search/ and tracked_run.py until they use door functions."""
+    """The MLflow client of :func:`tracking_uri`: for this door's functions (and tests that read a store)."""
     return MlflowClient(tracking_uri=tracking_uri())
 
 
@@ -312,13 +309,12 @@ def log_artifacts(run_id: str, folder: str, path: str | None = None) -> None:
     retrying(client().log_artifacts, run_id, folder, path)
 
 
-def download_checkpoint(run_id: str, kind: str = "last", into: str | Path | None = None) -> Path:
+def download_checkpoint(run_id: str, kind: str, into: str | Path) -> Path:
     """Fetch ``checkpoints/{kind}.pt`` of a run (works against remote servers too) into the folder ``into``, which
-    the caller owns and removes. Without ``into``: a new ``allconv-resume-*`` temporary folder that the caller must
-    remove (prefer :func:`checkpoint_file`, which does)."""
-    target = str(into) if into is not None else tempfile.mkdtemp(prefix=CHECKPOINT_PREFIX)
+    the caller owns and removes (or use :func:`checkpoint_file`, which does)."""
+    Path(into).mkdir(parents=True, exist_ok=True)
     try:
-        return Path(retrying(client().download_artifacts, run_id, f"{Artifact.CHECKPOINTS}/{kind}.pt", target))
+        return Path(retrying(client().download_artifacts, run_id, f"{Artifact.CHECKPOINTS}/{kind}.pt", str(into)))
     except MlflowException as exc:
         raise AllconvError(f"run {run_id} has no {kind} checkpoint ({exc.error_code})") from exc
 
