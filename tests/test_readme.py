@@ -135,7 +135,8 @@ def test_no_inline_code_is_cut_across_lines() -> None:
     """A command in backticks that wraps onto the next line cannot be copied: each prose line closes its spans."""
     for doc in DOCS:
         for number, line in enumerate(prose(doc.read_text()).splitlines(), 1):
-            assert line.replace("\\`", "").count("`") % 2 == 0, f"{doc.relative_to(ROOT)}: an inline span cut: {line}"
+            where = f"{doc.relative_to(ROOT)}, line {number} of its prose"
+            assert line.replace("\\`", "").count("`") % 2 == 0, f"{where}: an inline span cut: {line}"
 
 
 def test_the_scaling_docs_show_what_a_user_types() -> None:

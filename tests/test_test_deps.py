@@ -8,6 +8,7 @@ Run in a copy of the repository's layout with a PATH of stubs: ``apt-get`` and `
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ BASICS = ("dirname", "date", "ls", "cat")  # what the script itself runs, with p
 SUITE = ("initdb", "chromium", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "munged")
 
 
-def layout(tmp_path: Path, *, cifar: bool, present: tuple[str, ...], uid: int = 0, sudo: bool = False) -> dict[str, str]:
+def layout(tmp_path: Path, *, cifar: bool, present: tuple[str, ...], uid: int = 0,
+           sudo: bool = False) -> dict[str, str]:
     """``tmp_path/repo/scripts/test-deps.sh`` (with ``tmp_path/shared/data/cifar10`` if ``cifar``) and the env to run it
     with: PATH holds only the basics, the ``present`` programs and the stubs."""
     (tmp_path / "repo" / "scripts").mkdir(parents=True)
@@ -108,3 +110,15 @@ def test_docker_set_and_a_bad_set_name(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "test-deps: unknown set 'dockr': use 'suite' (the default) or 'docker'"
     assert os.path.exists(tmp_path / "calls")
+
+
+def test_make_test_and_ci_use_this_script_and_no_other_package_list() -> None:
+    """One list of the suite's packages: `make test` runs the script first, `.ci/run` runs `make test` and the
+    script's docker set, and installs nothing itself."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: test-deps\b", makefile, re.M), "make test installs what it needs first"
+    assert re.search(r"^test-deps:\n\tbash scripts/test-deps.sh$", makefile, re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line.split("#")[0].strip() for line in ci.splitlines() if line.split("#")[0].strip()]
+    assert "make test" in commands and any(c.startswith("bash scripts/test-deps.sh docker") for c in commands)
+    assert not any("apt-get" in c for c in commands), "the packages are installed by scripts/test-deps.sh only"
