@@ -3,8 +3,8 @@
 Services: a real PostgreSQL server and a real ``mlflow server`` (PostgreSQL as its backend store, artifacts served
 by the server) on loopback, started once per session by ``tests/services.py`` (imported as the module ``services``)
 in the order docker-compose.yml starts them. Tests that need them FAIL when they cannot be started (PostgreSQL not
-installed, a port clash): CI installs the ``postgresql`` package in ``.ci/run``; locally, ``apt-get install -y
-postgresql``. Nothing skips.
+installed, a port clash): ``scripts/test-deps.sh`` (run first by `make test`, and so by CI) installs the
+``postgresql`` package when it is missing. Nothing skips.
 """
 
 from __future__ import annotations
@@ -119,13 +119,14 @@ NEEDS = {"cifar10k": "cifar", "postgres": "services", "mlflow_server": "services
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a test without a category, a unit test that is also something else, and a fixture its marker hides."""
+    """Refuse a test without exactly one category, and a fixture its marker hides: `-m` then selects each test by what
+    it needs (scripts/test-deps.sh names the markers of the tests that cannot run on a machine)."""
     bad = []
     for item in items:
         kinds = [k for k in CATEGORIES if item.get_closest_marker(k)]
         needed = {NEEDS[f] for f in getattr(item, "fixturenames", ()) if f in NEEDS}
-        if not kinds or ("unit" in kinds and len(kinds) > 1) or not needed <= set(kinds):
+        if len(kinds) != 1 or not needed <= set(kinds):
             bad.append(f"{item.nodeid} (marked {', '.join(kinds) or 'nothing'}; needs {', '.join(needed) or '-'})")
     if bad:
-        raise pytest.UsageError(f"mark each test with one of {', '.join(CATEGORIES)} (a unit test with no other) and "
-                                f"with what its fixtures need: {'; '.join(bad)}")
+        raise pytest.UsageError(f"mark each test with exactly one of {', '.join(CATEGORIES)}, "
+                                f"the one its fixtures need: {'; '.join(bad)}")

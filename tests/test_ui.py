@@ -1,7 +1,7 @@
 """What a user sees: the address `allconv search` prints opens the study in MLflow's UI, checked in a real browser.
 
 An MLflow server on loopback holds a finished tiny study; headless Chromium (Debian's ``chromium``, installed by
-.ci/run) loads the printed address and renders MLflow's JavaScript app; the test reads the rendered page.
+scripts/test-deps.sh) loads the printed address and renders MLflow's JavaScript app; the test reads the rendered page.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def render(url: str, profile: Path, screenshot: Path | None = None) -> str:
     """The page's DOM after MLflow's app has run (virtual time lets its requests and renders finish)."""
-    assert CHROMIUM, "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    assert CHROMIUM, "chromium is not installed (bash scripts/test-deps.sh installs it)"
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--window-size=1400,900"]
     if screenshot is not None:
