@@ -88,7 +88,8 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     if worker_plan:
         sys.exit(study.run_worker_process(worker_plan, worker_index))
-    console = view.pipe_safe(Console(soft_wrap=True))  # one line per message (logs, CI); survives `| tee`
+    # a log (CI, `| tee`) gets one line per message; a terminal, lines wrapped between words; survives `| tee`
+    console = view.pipe_safe(Console(soft_wrap=not sys.stdout.isatty()))
     ctx = click.get_current_context()
     given = {k for k in ctx.params if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
                                                                        ParameterSource.ENVIRONMENT)}
