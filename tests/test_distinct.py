@@ -258,7 +258,8 @@ def prepare_together(folder: Path, storage: str, n: int = 6) -> list[subprocess.
     cmd = [*ALLCONV, "search", *TINY, "--epochs", "1", "--trials", "3", "--storage", storage, "--prepare"]
     procs = [subprocess.Popen(cmd, cwd=folder, env=env_for(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(n)]
-    return [subprocess.CompletedProcess(cmd, p.returncode, *p.communicate(timeout=300)) for p in procs]
+    outputs = [p.communicate(timeout=300) for p in procs]  # wait first: returncode is None until then
+    return [subprocess.CompletedProcess(cmd, p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
 
 
 def check_prepared(folder: Path, storage: str, done: list[subprocess.CompletedProcess[str]]) -> None:
