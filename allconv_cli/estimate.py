@@ -104,11 +104,13 @@ def measure(cfg: TrainConfig, num_classes: int = 10, budget: float = STEP_BUDGET
 
 
 def duration(seconds: float) -> str:
-    """A span of time, short and rounded: 42 s, 12 min, 5.2 h, 3.4 days, 116 days."""
+    """A span of time, short and rounded: 42 s, 4.5 min, 12 min, 5.2 h, 3.4 days, 116 days."""
     if not math.isfinite(seconds):
         return "?"
     if seconds < 90:
         return f"{max(seconds, 0):.0f} s"
+    if seconds < 10 * 60:
+        return f"{seconds / 60:.1f} min"
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     if seconds < 36 * 3600:

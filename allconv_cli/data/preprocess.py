@@ -285,7 +285,7 @@ def fit_preprocessor(cfg: DataConfig, fit_images: np.ndarray, device: torch.devi
     key = _zca_cache_key(fit_images, cfg.zca_epsilon, cfg.preprocess)
     path = cache / f"{cfg.preprocess}-{key}.npz"
     if path.is_file():
-        say(f"loading the cached {cfg.preprocess} (GCN + ZCA) fit {path}")
+        say(f"loading the cached {cfg.preprocess} (GCN + ZCA) fit from {cache}")
     pre = load_cached(path, key, cfg.zca_epsilon, cfg.preprocess)
     if pre is not None:
         log.info("using the cached %s fit %s", cfg.preprocess, path)
