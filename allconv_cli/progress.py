@@ -10,6 +10,7 @@ hooks (``on_batch_end`` here stores three numbers: it runs after every optimizer
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -158,24 +159,52 @@ class TerminalView:
         self.runs: list[RunTracker] = []
         self.current_stage: tuple[str, float] | None = None  # (what, since): one attribute, read by the refresher
         self.live: Live | None = None
+        self.last_said = time.perf_counter()  # when a permanent line was last written (plain: the heartbeat's clock)
+        self.quiet: threading.Event | None = None  # set to stop the plain heartbeat
 
     def __enter__(self) -> TerminalView:
         if not self.plain and self.live is None:
             self.live = Live(_Region(self), console=self.console, refresh_per_second=REFRESH_PER_SECOND,
                              transient=True)
             self.live.start()
+        if self.plain and self.quiet is None:
+            self.quiet = threading.Event()
+            threading.Thread(target=self._heartbeat, args=(self.quiet,), name="allconv-heartbeat",
+                             daemon=True).start()
         return self
+
+    def _heartbeat(self, quiet: threading.Event) -> None:
+        """A log is never silent for long: when nothing was written for :attr:`plain_every` seconds, the current
+        stage (or, a search, the study line) once more with its elapsed time. A live view shows a spinner instead."""
+        while not quiet.wait(min(1.0, self.plain_every / 4)):
+            if time.perf_counter() - self.last_said >= self.plain_every:
+                text = self.pulse()
+                if text:
+                    self.say(text)
+                else:
+                    self.last_said = time.perf_counter()
+
+    def pulse(self) -> str | None:
+        """What a log hears when it heard nothing for a while: the stage still running and for how long."""
+        stage = self.current_stage
+        if stage is None:
+            return None
+        return f"{stage[0]}: still going, {duration(time.perf_counter() - stage[1])} so far"
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.end_stage()
         self.current_stage = None  # a stage an error ended is not reported as done
+        if self.quiet is not None:
+            self.quiet.set()
+            self.quiet = None
         if self.live is not None:
             self.live.stop()
             self.live = None
 
     def say(self, text: str) -> None:
         """A permanent line: one line in a log; on a terminal wrapped between words at its width."""
+        self.last_said = time.perf_counter()
         self.console.print(text, highlight=False, markup=False, soft_wrap=self.plain)
 
     def stage(self, text: str) -> None:
@@ -205,9 +234,13 @@ class TerminalView:
         """What the live region shows: each running run, then the current stage with a spinner."""
         out = [run.render(width) for run in list(self.runs) if run.running]
         stage = self.current_stage
-        if stage is not None:
-            out.append(Spinner("dots", Text(f"{stage[0]} ({duration(time.perf_counter() - stage[1])})",
-                                            overflow="fold")))
+        if stage is not None:  # the elapsed time in a column of its own: a wrap never splits "(7 s)"
+            grid = Table.grid(padding=(0, 1))
+            grid.add_column(no_wrap=True)
+            grid.add_column(overflow="fold")
+            grid.add_column(no_wrap=True)
+            grid.add_row(Spinner("dots"), Text(stage[0]), f"({duration(time.perf_counter() - stage[1])})")
+            out.append(grid)
         return out
 
 

@@ -103,7 +103,8 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
     _print_outcome(console, outcome, started, summarize_only or prepare_only)
     if retrain_best:
         _retrain(console, outcome, final_epochs, register)
-    console.print(study.parent.study_address(outcome.run), highlight=False)
+    # the address whole on one logical line (the terminal wraps it; a click or a copy gets all of it)
+    console.print(study.parent.study_address(outcome.run), highlight=False, soft_wrap=True)
 
 
 def _print_outcome(console: Any, outcome: Any, started: float, ran_nothing: bool) -> None:

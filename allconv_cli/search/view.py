@@ -221,6 +221,11 @@ class SearchView(TerminalView, Hooks):
         return (f"study {self.settings.study_name}: {c.finished}/{target} done, {c.pruned} pruned, {c.failed} "
                 f"failed, {c.running} running{best}{when}")
 
+    def pulse(self) -> str | None:
+        """A log that heard nothing for a while (trials in other processes, a long evaluation): the stage, else
+        the study line with its time left."""
+        return super().pulse() or (self.study_text() if self.study is not None else None)
+
     def lines(self, width: int) -> list[RenderableType]:
         c, target = self.counts, self.settings.trials
         head, _, rest = self.study_text().partition(": ")
@@ -246,6 +251,8 @@ def trial_line(t: FrozenTrial, retried: bool = False) -> str:
 def summary_table(summary: dict[str, Any], settings: SearchSettings) -> Table:
     """The end of ``allconv search``: trial counts, the best trial and its config, the paper's number."""
     table = Table(title=f"allconv search: {settings.study_name}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a path or run id wider than a narrow terminal folds; never an ellipsis
     rows = [
         ("storage", summary["storage"]),
         ("space", f"{summary['space']} ({settings.space_source})"),
