@@ -183,9 +183,13 @@ class Estimate:
         return text + (f". {self.advice(study)}" if self.too_slow() else "")
 
     def advice(self, study: bool = True) -> str:
-        """What makes a CPU run practical, with the figure for a smaller variant on the same measured step."""
+        """What makes a CPU run practical, with the figure for a smaller variant on the same measured step and, a
+        study, how many of its trials fit in a day."""
         small = replace(self, sizes=Sizes(min(self.sizes.train, 5000), min(self.sizes.val, 5000), self.sizes.test),
-                        epochs=min(self.epochs, 20))
-        return (f"Over a day on a CPU: use a GPU, or do less: --subset 5000 --epochs 20 takes "
-                f"~{duration(small.total_seconds)} here{'; fewer --trials' if study else ''}; a smaller --model")
-
+                        epochs=min(self.epochs, 20), runs=1)
+        text = (f"Over a day on a CPU: use a GPU, or do less: with --subset 5000 --epochs 20 one "
+                f"{'trial' if study else 'run'} takes ~{duration(small.run_seconds)} here")
+        if study:
+            fit = int(DAY // small.run_seconds)
+            text += f", so --trials {fit} fit in a day" if fit >= 1 else ", still over a day a trial"
+        return text + "; or a smaller --model"
