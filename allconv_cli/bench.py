@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from allconv_cli.config import TrainConfig
 from allconv_cli.data import Split, random_split
-from allconv_cli.engine import build_model, evaluate, resolve_device, setup, train_epoch
+from allconv_cli.engine import TrainState, build_model, evaluate, resolve_device, setup, train_epoch
 
 
 @dataclass
@@ -77,26 +77,17 @@ def bench(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     state = setup(cfg, 10, device, steps=steps)
-
-    def run(n_steps: int) -> float:
-        train = random_split(n_steps * cfg.batch_size, device)
-        _sync(device)
-        start = time.perf_counter()
-        train_epoch(state, train, 1)
-        _sync(device)
-        return time.perf_counter() - start
-
     say(f"warm-up: {warmup} step{'s' * (warmup != 1)}")
-    run(warmup)
+    time_steps(state, warmup)
     seconds, baseline_ips = float("inf"), 0.0
     for round_ in range(1, max(1, rounds) + 1):
         say(f"round {round_}: {steps} training steps" if rounds > 1 else f"{steps} training steps")
-        seconds = min(seconds, run(steps))
+        seconds = min(seconds, time_steps(state, steps))
         if baseline:
             say(f"baseline: {warmup} + {steps} steps through a DataLoader, PIL and ToTensor/Normalize")
             baseline_ips = max(baseline_ips, baseline_loop(cfg, steps=steps, warmup=warmup, workers=baseline_workers))
     say(f"evaluation: {eval_images:,} images")
-    eval_seconds = _time_evaluation(state.model, random_split(eval_images, device, seed=1), cfg.amp, device)
+    eval_seconds = time_evaluation(state.model, random_split(eval_images, device, seed=1), cfg.amp, device)
     result = BenchResult(
         device=str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         batch_size=cfg.batch_size,
@@ -114,7 +105,20 @@ def bench(
     return result
 
 
-def _time_evaluation(model: torch.nn.Module, split: Split, amp: bool, device: torch.device) -> float:
+def time_steps(state: TrainState, n_steps: int) -> float:
+    """Seconds of ``n_steps`` real training steps of ``state`` (:func:`~allconv_cli.engine.train_epoch` on random
+    on-device data of the real shapes), the device synchronised around the clock. The one step timer: ``bench``
+    and the time estimate (:mod:`allconv_cli.estimate`) both use it."""
+    device = state.device
+    train = random_split(n_steps * state.cfg.batch_size, device)
+    _sync(device)
+    start = time.perf_counter()
+    train_epoch(state, train, 1)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_evaluation(model: torch.nn.Module, split: Split, amp: bool, device: torch.device) -> float:
     """Seconds of one evaluation pass over ``split``, after one untimed pass (the eval shapes' warm-up)."""
     evaluate(model, split, amp=amp)
     _sync(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -54,26 +55,41 @@ def bench_command(
 ) -> None:
     """Time training steps and evaluation on synthetic data (after a warm-up) and print images/s."""
     from rich.console import Console
-    from rich.table import Table
 
     from allconv_cli.bench import bench
     from allconv_cli.config import TrainConfig
-    from allconv_cli.engine import resolve_device
+    from allconv_cli.estimate import describe_device
+    from allconv_cli.progress import TerminalView
 
-    on_gpu = resolve_device(device).type == "cuda"
+    chosen, where = describe_device(device)
+    on_gpu = chosen.type == "cuda"
     cfg = TrainConfig(model=model, branch=branch, batch_size=batch_size, device=device, compile=compile,
                       compile_mode=compile_mode, amp=amp, bn=bn)
     steps, warmup = steps or (200 if on_gpu else 20), warmup or (30 if on_gpu else 3)
     console = Console(stderr=as_json)  # --json keeps stdout to the one JSON object
-    console.print(f"allconv bench: {cfg.registry_name}, batch {cfg.batch_size}, on {resolve_device(device)}: "
-                  f"{warmup} warm-up + {steps} timed training steps, then an evaluation pass"
-                  + (", then the same steps as a plain DataLoader + NCHW loop (--baseline)" if baseline else "")
-                  + (f", best of {rounds} rounds" if rounds > 1 else ""), highlight=False)
-    result = bench(cfg, steps=steps, warmup=warmup, rounds=rounds, baseline=baseline,
-                   baseline_workers=baseline_workers, say=lambda text: console.print(f"  {text}", highlight=False))
+    with TerminalView(console) as view:
+        view.say(f"allconv bench: {cfg.registry_name}, batch {cfg.batch_size}, on {where}: {warmup} warm-up + "
+                 f"{steps} timed training steps, then an evaluation pass"
+                 + (", then the same steps as a plain DataLoader + NCHW loop (--baseline)" if baseline else "")
+                 + (f", best of {rounds} rounds" if rounds > 1 else ""))
+        result = bench(cfg, steps=steps, warmup=warmup, rounds=rounds, baseline=baseline,
+                       baseline_workers=baseline_workers, say=view.stage)
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return
+    console.print(_table(cfg, result))
+
+
+def _table(cfg: Any, result: Any) -> Any:
+    """The figures, and what one epoch of the default CIFAR-10 split takes at this speed."""
+    from rich.table import Table
+
+    from allconv_cli.config import DataConfig
+    from allconv_cli.estimate import Estimate, Measurement, Sizes, duration
+
+    measured = Measurement(result.device, result.device == "cpu", result.ms_per_step / 1000,
+                           1 / result.eval_images_per_second, cfg.batch_size)
+    epoch = Estimate(measured, Sizes.nominal(DataConfig()), cfg.epochs)
     table = Table(title=f"allconv bench: {cfg.registry_name}, batch {cfg.batch_size}", show_header=False)
     rows = [
         ("device", result.device),
@@ -82,6 +98,8 @@ def bench_command(
         ("eval images/s", f"{result.eval_images_per_second:,.0f}"),
         ("peak memory", f"{result.peak_memory_mb:,.0f} MB"),
         ("compile / bf16", f"{cfg.compile_mode if result.compile else False} / {result.amp}"),
+        ("CIFAR-10 epoch", f"~{duration(epoch.epoch_seconds)} ({epoch.steps_per_epoch:,} steps + "
+                           f"{epoch.sizes.val:,} validation images)"),
     ]
     if result.baseline_images_per_second is not None:
         rows += [
@@ -90,4 +108,4 @@ def bench_command(
         ]
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    return table

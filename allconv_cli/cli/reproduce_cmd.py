@@ -73,7 +73,7 @@ def reproduce_command(models: str, branches: str, protocol: str, lrs: str, epoch
     )
     for protocol_name, base, branch in plan.studies():  # every bad value is reported before anything starts
         reproduce.base_config(plan, base, branch, protocol_name)
-    console = view.pipe_safe(report.wide_console())  # Ctrl-C with `| tee`: no broken pipe mid-checkpoint
+    console = view.pipe_safe(report.report_console())  # Ctrl-C with `| tee`: no broken pipe mid-checkpoint
     ctx = click.get_current_context()
     if "paper" in plan.protocols and ctx.get_parameter_source("val_size") == ParameterSource.COMMANDLINE:
         console.print("note: --protocol paper trains on all training images: --val-size applies to validated only")

@@ -88,7 +88,8 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     if worker_plan:
         sys.exit(study.run_worker_process(worker_plan, worker_index))
-    console = view.pipe_safe(Console(soft_wrap=True))  # one line per message (logs, CI); survives `| tee`
+    # a log (CI, `| tee`) gets one line per message; a terminal, lines wrapped between words; survives `| tee`
+    console = view.pipe_safe(Console(soft_wrap=not sys.stdout.isatty()))
     ctx = click.get_current_context()
     given = {k for k in ctx.params if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
                                                                        ParameterSource.ENVIRONMENT)}
@@ -102,7 +103,8 @@ def search_command(space_name: str, trials: int, overrides: tuple[str, ...], sum
     _print_outcome(console, outcome, started, summarize_only or prepare_only)
     if retrain_best:
         _retrain(console, outcome, final_epochs, register)
-    console.print(study.parent.study_address(outcome.run), highlight=False)
+    # the address whole on one logical line (the terminal wraps it; a click or a copy gets all of it)
+    console.print(study.parent.study_address(outcome.run), highlight=False, soft_wrap=True)
 
 
 def _print_outcome(console: Any, outcome: Any, started: float, ran_nothing: bool) -> None:

@@ -62,9 +62,8 @@ def train_command(
     from rich.console import Console
 
     from allconv_cli.config import TrainConfig
-    from allconv_cli.progress import RichProgress, summary_table
+    from allconv_cli.progress import summary_table
     from allconv_cli.tracking import store
-    from allconv_cli.tracking.run import run_tracked
     from allconv_cli.tracking.schema import Status
 
     console = Console(stderr=as_json)
@@ -75,20 +74,8 @@ def train_command(
         cfg, experiment_name = resumed
     else:
         cfg, experiment_name = TrainConfig(**options), experiment
-    name = run_name or cfg.registry_name
-    with RichProgress(console, name) as progress:
-        outcome = run_tracked(
-            cfg,
-            experiment=experiment_name,
-            run_name=name,
-            resume_run_id=resume_run_id,
-            hooks=[progress],
-            checkpoint_every=checkpoint_every,
-            register=register,
-            on_retry=lambda dead, number, seed: console.print(
-                f"run {dead.run_id} collapsed ({dead.reason}); restarting as attempt {number} of "
-                f"{cfg.collapse_retries + 1} with seed {seed} (same data split)", highlight=False),
-        )
+    outcome = _train(console, cfg, experiment=experiment_name, run_name=run_name or cfg.registry_name,
+                     resume_run_id=resume_run_id, checkpoint_every=checkpoint_every, register=register)
     result = outcome.result
     if as_json:
         click.echo(_outcome_json(outcome, experiment_name))
@@ -101,6 +88,30 @@ def train_command(
         console.print(f"Interrupted: resume with  allconv train --resume {outcome.run_id}", highlight=False,
                       soft_wrap=True)
         sys.exit(130)
+
+
+def _train(console: Any, cfg: Any, *, run_name: str, **kwargs: Any) -> Any:
+    """The run in the terminal view: its stages (data, GCN + ZCA, the step measured for the estimate, the network),
+    the estimate, then its epochs with the time left."""
+    from allconv_cli.data import load_onto
+    from allconv_cli.engine import resolve_device
+    from allconv_cli.estimate import Sizes
+    from allconv_cli.progress import TerminalView, measure_run
+    from allconv_cli.tracking.run import run_tracked
+
+    with TerminalView(console) as view:
+        data = load_onto(cfg.data_config(), resolve_device(cfg.device), view.stage)
+        expected = measure_run(view, cfg, Sizes.of(data), data.num_classes, study=False)
+        view.stage("starting the MLflow run, building the network")
+        progress = view.track(run_name, expected_epoch=expected.epoch_seconds if expected else None,
+                              expected_eval=expected.eval_seconds if expected else 0.0)
+        return run_tracked(
+            cfg, run_name=run_name, hooks=[progress], data=data,
+            on_retry=lambda dead, number, seed: view.say(
+                f"run {dead.run_id} collapsed ({dead.reason}); restarting as attempt {number} of "
+                f"{cfg.collapse_retries + 1} with seed {seed} (same data split)"),
+            **kwargs,
+        )
 
 
 def _resumable(run_id: str, console: Any, as_json: bool) -> tuple[Any, str] | None:

@@ -11,6 +11,7 @@ is an index into it (:mod:`.batches`). Raw arrays come from :mod:`.sources` (or 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,7 @@ __all__ = [
     "random_split",
     "resolve_data_dir",
     "split_indices",
+    "split_sizes",
 ]
 
 
@@ -111,16 +113,21 @@ def _fingerprint(cfg: DataConfig, arrays: tuple[np.ndarray, ...]) -> str:
     return h.hexdigest()[:12]
 
 
-def load_dataset(cfg: DataConfig, device: torch.device | str | None = None) -> Dataset:
+def load_dataset(cfg: DataConfig, device: torch.device | str | None = None,
+                 on_stage: Callable[[str], None] | None = None) -> Dataset:
     """Load, split and preprocess; returns CPU tensors (move them once with :meth:`Dataset.to`).
 
     ``device`` only says where to run the preprocessing maths (a GPU fits and applies ZCA in well under a second);
-    the results are the same up to float rounding and come back to the CPU either way.
+    the results are the same up to float rounding and come back to the CPU either way. ``on_stage`` hears each
+    stage as it starts (loading, the GCN + ZCA fit or its cache, preprocessing): on a CPU they take a minute.
     """
+    say = on_stage or (lambda text: None)
+    say(describe_source(cfg))
     x_train, y_train, x_test, y_test, classes = load_raw(cfg)
     fit_idx, train_idx, val_idx = split_indices(y_train, cfg.val_size, cfg.subset, cfg.seed)
     test_idx = pick_test_indices(y_test, cfg.test_size, cfg.seed)
-    pre = fit_preprocessor(cfg, x_train[fit_idx], device)
+    pre = fit_preprocessor(cfg, x_train[fit_idx], device, on_stage=say)
+    say(f"preprocessing {len(train_idx) + len(val_idx) + len(test_idx):,} images ({cfg.preprocess})")
 
     def make(images: np.ndarray, labels: np.ndarray) -> Split:
         return Split(pre.apply(images, device), torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
@@ -136,6 +143,14 @@ def load_dataset(cfg: DataConfig, device: torch.device | str | None = None) -> D
     )
 
 
+def describe_source(cfg: DataConfig) -> str:
+    """The loading stage in words: which dataset from where."""
+    if cfg.dataset == "fake":
+        return f"making the fake dataset ({cfg.fake_train_size:,} + {cfg.fake_test_size:,} images)"
+    root, origin = resolve_data_dir(cfg)
+    return f"loading {cfg.dataset.upper().replace('CIFAR', 'CIFAR-')} from {root} ({origin})"
+
+
 def random_split(n: int, device: torch.device | str, *, num_classes: int = 10, seed: int = 0) -> Split:
     """``n`` standard-normal inputs with uniform random labels, on ``device`` channels_last: for timing, where the
     content does not matter and making images would cost more than what is timed."""
@@ -145,11 +160,15 @@ def random_split(n: int, device: torch.device | str, *, num_classes: int = 10, s
     return Split(x, y).to(device, channels_last=True)
 
 
-def load_onto(cfg: DataConfig, device: torch.device | str) -> Dataset:
+def load_onto(cfg: DataConfig, device: torch.device | str, on_stage: Callable[[str], None] | None = None) -> Dataset:
     """The one way a run gets its data: load, split and preprocess (the ZCA fit on ``device`` too), then move the
-    whole dataset there once, channels_last. Training, search trials, retraining and the benchmark all use it."""
+    whole dataset there once, channels_last. Training, search trials, retraining and the benchmark all use it.
+    ``on_stage`` hears each stage as it starts."""
     device = torch.device(device)
-    return load_dataset(cfg, device=device).to(device, channels_last=True)
+    data = load_dataset(cfg, device=device, on_stage=on_stage)
+    if device.type != "cpu" and on_stage is not None:
+        on_stage(f"moving the data to {device}")
+    return data.to(device, channels_last=True)
 
 
 
@@ -160,19 +179,28 @@ class DataCache:
     def __init__(self) -> None:
         self.key: tuple[DataConfig, torch.device] | None = None
         self.data: Dataset | None = None
-        self.checked: set[DataConfig] = set()
+        self.checked: dict[DataConfig, tuple[int, int, int]] = {}  # config -> its (train, val, test) sizes
 
-    def get(self, cfg: DataConfig, device: torch.device | str) -> Dataset:
+    def get(self, cfg: DataConfig, device: torch.device | str, on_stage: Callable[[str], None] | None = None
+            ) -> Dataset:
         key = (cfg, torch.device(device))
         if key != self.key or self.data is None:
             self.data = None  # free the old one first
-            self.data, self.key = load_onto(cfg, key[1]), key
-            self.checked.add(cfg)
+            self.data, self.key = load_onto(cfg, key[1], on_stage), key
+            self.checked[cfg] = split_sizes(self.data)
         return self.data
 
-    def check(self, cfg: DataConfig) -> None:
+    def check(self, cfg: DataConfig, on_stage: Callable[[str], None] | None = None) -> None:
         """Load ``cfg``'s data once on the CPU and drop it: data errors surface, the ZCA fit lands in its disk cache
         (so worker processes do not all fit it at once), and no device memory stays taken."""
         if cfg not in self.checked:
-            load_onto(cfg, "cpu")
-            self.checked.add(cfg)
+            self.checked[cfg] = split_sizes(load_onto(cfg, "cpu", on_stage))
+
+    def sizes(self, cfg: DataConfig) -> tuple[int, int, int] | None:
+        """(train, val, test) images of ``cfg``'s data, once it was loaded or checked here."""
+        return self.checked.get(cfg)
+
+
+def split_sizes(data: Dataset) -> tuple[int, int, int]:
+    """(train, val, test) images: what an epoch, its evaluation pass and the final test cost scale with."""
+    return len(data.train), len(data.val) if data.val is not None else 0, len(data.test)

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,24 +266,31 @@ def save_cached(path: Path, key: str, pre: Preprocessor) -> None:
                 os.unlink(tmp_name)
 
 
-def fit_preprocessor(cfg: DataConfig, fit_images: np.ndarray, device: torch.device | str | None = None
-                     ) -> Preprocessor:
-    """The ``cfg.preprocess`` transform fitted on ``fit_images`` (the training part), from the cache when possible."""
+def fit_preprocessor(cfg: DataConfig, fit_images: np.ndarray, device: torch.device | str | None = None,
+                     on_stage: Callable[[str], None] | None = None) -> Preprocessor:
+    """The ``cfg.preprocess`` transform fitted on ``fit_images`` (the training part), from the cache when possible.
+    ``on_stage`` hears whether the GCN + ZCA fit is loaded from the cache or fitted (seconds on a CPU)."""
+    say = on_stage or (lambda text: None)
     if cfg.preprocess == "none":
         return Preprocessor("none")
     if cfg.preprocess == "standardize":
         return fit_standardize(fit_images)
     if not (cfg.zca_epsilon > 0 and np.isfinite(cfg.zca_epsilon)):
         raise AllconvError(f"zca_epsilon={cfg.zca_epsilon}: must be > 0 (default {ZCA_EPSILON})")
+    fitting = f"fitting {cfg.preprocess} (GCN + ZCA) on {len(fit_images):,} images"
     cache = preprocess_cache_dir(cfg)
     if cache is None:
+        say(fitting)
         return fit_zca(fit_images, cfg.zca_epsilon, device, cfg.preprocess)
     key = _zca_cache_key(fit_images, cfg.zca_epsilon, cfg.preprocess)
     path = cache / f"{cfg.preprocess}-{key}.npz"
+    if path.is_file():
+        say(f"loading the cached {cfg.preprocess} (GCN + ZCA) fit from {cache}")
     pre = load_cached(path, key, cfg.zca_epsilon, cfg.preprocess)
     if pre is not None:
         log.info("using the cached %s fit %s", cfg.preprocess, path)
         return pre
+    say(f"{fitting}, to be cached in {cache}")
     pre = fit_zca(fit_images, cfg.zca_epsilon, device, cfg.preprocess)
     save_cached(path, key, pre)
     return pre

@@ -23,14 +23,16 @@ from rich.console import Console
 
 from allconv_cli import paper
 from allconv_cli.config import TrainConfig
+from allconv_cli.data import load_onto
+from allconv_cli.engine import resolve_device
 from allconv_cli.errors import AllconvError, first_line
-from allconv_cli.progress import RichProgress
+from allconv_cli.progress import TerminalView
 from allconv_cli.search.budget import count_trials
 from allconv_cli.search.plan import OBJECTIVES, SearchSettings, StudyRun
 from allconv_cli.search.storage import wait_for_attr
 from allconv_cli.stores import safe_url
 from allconv_cli.tracking import store
-from allconv_cli.tracking.run import RunOutcome, prepare_data, run_tracked
+from allconv_cli.tracking.run import RunOutcome, run_tracked
 from allconv_cli.tracking.schema import (
     BEST_PARAM_PREFIX,
     Artifact,
@@ -133,8 +135,17 @@ def best_config(trial: FrozenTrial) -> TrainConfig | None:
         return None
 
 
-def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str, Any]:
-    """Best params (JSON + tags), metrics, every trial as CSV and the plots, logged to the parent run."""
+def note_estimate(study: optuna.Study, run: StudyRun, estimate: str) -> None:
+    """The session's time estimate into the parent run's description, before the first trial trains."""
+    if estimate:
+        finished = count_trials(study.get_trials(deepcopy=False)).finished
+        best = _best_summary(study, run.settings.space())
+        store.try_set_tags(run.parent_run_id, {MlflowTag.NOTE: describe_study(run.settings, finished, best, estimate)})
+
+
+def summarize(study: optuna.Study, run: StudyRun, console: Console, estimate: str = "") -> dict[str, Any]:
+    """Best params (JSON + tags), metrics, every trial as CSV and the plots, logged to the parent run; ``estimate``
+    (the session's time estimate) stays in its description."""
     settings, parent_id = run.settings, run.parent_run_id
     space = settings.space()
     c = count_trials(study.get_trials(deepcopy=False))
@@ -153,7 +164,7 @@ def summarize(study: optuna.Study, run: StudyRun, console: Console) -> dict[str,
                     Metric.BEST_TRIAL_TEST_ERROR: paper.error_percent(best["test_accuracy"])}
         tags = {Tag.BEST_TRIAL: str(best["trial"]), Tag.BEST_RUN_ID: str(best["mlflow_run_id"]),
                 **{f"{BEST_PARAM_PREFIX}{k}": str(v) for k, v in best["config"].items()}}
-    tags[MlflowTag.NOTE] = describe_study(settings, c.finished, best)
+    tags[MlflowTag.NOTE] = describe_study(settings, c.finished, best, estimate)
     store.log_metrics(parent_id, metrics, step=c.finished)
     store.set_tags(parent_id, tags)
     with tempfile.TemporaryDirectory(prefix="allconv-summary-") as tmp:
@@ -183,9 +194,9 @@ def _best_summary(study: optuna.Study, space: Any) -> dict[str, Any] | None:
             "params": dict(best.params), "config": config, "mlflow_run_id": run_id}
 
 
-def describe_study(settings: SearchSettings, finished: int, best: dict[str, Any] | None) -> str:
-    """The parent run's description (MLflow shows it on the run's page): what the study is, and how its best trial
-    compares with the paper's Table 3 error for the same network."""
+def describe_study(settings: SearchSettings, finished: int, best: dict[str, Any] | None, estimate: str = "") -> str:
+    """The parent run's description (MLflow shows it on the run's page): what the study is, the time estimate of
+    the last session that ran trials, and how its best trial compares with the paper's Table 3 error."""
     cfg = TrainConfig(**settings.base_config)
     space = settings.space()
     lines = [f"Optuna study **{settings.study_name}** of {cfg.registry_name}: space `{space.name}` "
@@ -200,6 +211,8 @@ def describe_study(settings: SearchSettings, finished: int, best: dict[str, Any]
         if entry is not None:
             line += f"; the paper's {entry.display_name}: {entry.error:.2f}% (350 epochs, all 50,000 images)"
         lines.append(line + ".")
+    if estimate:
+        lines.append(estimate)
     return "\n\n".join(lines)
 
 
@@ -287,11 +300,13 @@ def retrain_best(study: optuna.Study, run: StudyRun, console: Console, final_epo
         return None
     tags = {Tag.ROLE: Role.FINAL, Tag.STUDY_NAME: settings.study_name, Tag.STUDY_UID: uid,
             Tag.BEST_TRIAL: str(best.number), Tag.SOURCE_RUN: str(best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID))}
-    data = prepare_data(cfg)
     console.print(f"Retraining trial {best.number}'s config on train+validation for {cfg.epochs} epochs")
-    with RichProgress(console, f"final (trial {best.number})") as progress:
+    with TerminalView(console) as view:
+        data = load_onto(cfg.data_config(), resolve_device(cfg.device), view.stage)
+        view.stage("the final run: starting its MLflow run, building the network")
         outcome = run_tracked(cfg, experiment=run.experiment, run_name="final-best", parent_run_id=parent_id,
-                              tags=tags, hooks=[progress], data=data, log_model=True, register=register)
+                              tags=tags, hooks=[view.track(f"final (trial {best.number})")], data=data,
+                              log_model=True, register=register)
     result = outcome.result
     store.log_metrics(parent_id, {Metric.FINAL_TEST_ACCURACY: result.test_accuracy,
                                   Metric.FINAL_TEST_ERROR: result.test_error})

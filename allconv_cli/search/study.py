@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -77,63 +78,61 @@ def run_study(settings: SearchSettings, console: Console, *, summarize_only: boo
     runtime.configure()
     data = data if data is not None else DataCache()
     trains = not (summarize_only or prepare_only)
-    # the data before a SQLite file is created (a data error leaves no empty optuna.db), after a server database
-    # answered (an unreachable one is reported at once, not after loading the data)
-    file_storage = storage.is_local_file(settings.storage_url)
-    if trains and file_storage:
-        preload_data(settings, data)
-    rdb = storage.open_storage(settings)
-    if summarize_only:  # only reads: it must not create an empty study under a mistyped name
-        study, creator = storage.load_study(settings, rdb), True
-    else:
-        if trains and not file_storage:
-            preload_data(settings, data)
-        study, creator = storage.create_or_load_study(settings, rdb)
-    parent_id = parent.ensure_parent_run(study, settings, creator=creator)
-    run = StudyRun(settings, parent_id, parent.experiment_of(parent_id, settings.experiment, console))
-    started = time.perf_counter()
-    state, ran = StudyState.PENDING, False
-    if prepare_only:  # not left RUNNING if no worker ever starts; a rerun while workers train changes nothing
-        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            parent.set_state(parent_id, StudyState.PENDING, settings)
-        console.print(f"Prepared study {settings.study_name} in {safe_url(settings.storage_url)} (MLflow parent run "
-                      f"{parent_id}); start the workers with the same command without --prepare", highlight=False)
-    elif not summarize_only:
-        state, ran = _run_trials(run, study, console, data)
+    view = SearchView(console, settings, plain=None if trains else True)
+    with view:  # stages, the estimate and the trials as they happen
+        # the data before a SQLite file is created (a data error leaves no empty optuna.db), after a server
+        # database answered (an unreachable one is reported at once, not after loading the data)
+        file_storage = storage.is_local_file(settings.storage_url)
+        if trains and file_storage:
+            preload_data(settings, data, view.stage)
+        if trains:
+            view.stage("opening the Optuna study and its MLflow parent run")
+        rdb = storage.open_storage(settings)
+        if summarize_only:  # only reads: it must not create an empty study under a mistyped name
+            study, creator = storage.load_study(settings, rdb), True
+        else:
+            if trains and not file_storage:
+                preload_data(settings, data, view.stage)
+            study, creator = storage.create_or_load_study(settings, rdb)
+        parent_id = parent.ensure_parent_run(study, settings, creator=creator)
+        run = StudyRun(settings, parent_id, parent.experiment_of(parent_id, settings.experiment, console))
+        started = time.perf_counter()
+        state, ran = StudyState.PENDING, False
+        if prepare_only:  # not left RUNNING if no worker ever starts; a rerun while workers train changes nothing
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                parent.set_state(parent_id, StudyState.PENDING, settings)
+            console.print(f"Prepared study {settings.study_name} in {safe_url(settings.storage_url)} (MLflow parent "
+                          f"run {parent_id}); start the workers with the same command without --prepare",
+                          highlight=False)
+        elif not summarize_only:
+            state, ran = _run_trials(run, study, console, data, view)
     trials_done = time.perf_counter()
     summary = None
     summarized = summarize_only or (trains and state != StudyState.PENDING)
     if summarized and settings.objective == "val_accuracy":  # its labels say val accuracy
-        summary = parent.summarize(study, run, console)
+        summary = parent.summarize(study, run, console, view.estimate_line)
     return StudyOutcome(run, study, state, budget.count_trials(study.get_trials(deepcopy=False)), ran, summary,
                         trials_done - started, time.perf_counter() - trials_done)
 
 
-def _run_trials(run: StudyRun, study: optuna.Study, console: Console, data: DataCache) -> tuple[StudyState, bool]:
+def _run_trials(run: StudyRun, study: optuna.Study, console: Console, data: DataCache,
+                view: SearchView) -> tuple[StudyState, bool]:
     """Re-queue stopped trials, say what happens, run the trials between opening and closing the parent run."""
     settings, target = run.settings, run.settings.trials
-    requeued = storage.requeue_stopped(study)
-    c = budget.count_trials(study.get_trials(deepcopy=False))
-    where = safe_url(settings.storage_url)
-    if c.finished or c.running or c.waiting:
-        extra = f"; re-queued interrupted trial(s) {', '.join(map(str, requeued))}" if requeued else ""
-        console.print(f"Resuming study {settings.study_name} in {where}: {c.finished} of {target} trials "
-                      f"finished{extra}", highlight=False)
-    else:
-        console.print(f"Study {settings.study_name} in {where}, space {settings.space_source}: {target} trials, "
-                      f"{settings.pruner} pruner, {settings.workers} worker(s)", highlight=False)
+    c = view.attach(study, storage.requeue_stopped(study))
     if c.complete_for(target):
         console.print(f"Study {settings.study_name} is already done ({c.finished} of {target} trials finished): "
                       "nothing to run.", highlight=False)
         return StudyState.COMPLETE, False
     if not settings.wait_for_others and c.waiting == 0 and c.reserved >= target:
         return StudyState.PENDING, False  # every remaining trial is taken by another process
+    parent.note_estimate(study, run, view.measure(data))  # before the first trial, on the parent run's page too
     if settings.timeout is not None:
         run = dataclasses.replace(run, deadline=time.time() + settings.timeout)
     parent.set_state(run.parent_run_id, StudyState.RUNNING, settings)
     state = StudyState.FAILED
     try:
-        state = _run_workers(run, study, console, data)
+        state = _run_workers(run, study, console, data, view)
         if state not in (StudyState.INTERRUPTED, StudyState.EXHAUSTED):
             done = budget.count_trials(study.get_trials(deepcopy=False)).finished >= target
             state = StudyState.COMPLETE if done else StudyState.TIMEOUT if settings.wait_for_others \
@@ -146,12 +145,12 @@ def _run_trials(run: StudyRun, study: optuna.Study, console: Console, data: Data
     return state, True
 
 
-def _run_workers(run: StudyRun, study: optuna.Study, console: Console, data: DataCache) -> StudyState:
-    """Trials in this process (with a live per-epoch view), or in ``--workers`` processes."""
-    with SearchView(console, run.settings.study_name, run.settings.trials, study.get_trials(deepcopy=False)) as view:
-        if run.settings.workers <= 1:
-            return Worker(run, study, console, view, data).run()
-        return launcher.run_processes(run, study, view, console)
+def _run_workers(run: StudyRun, study: optuna.Study, console: Console, data: DataCache,
+                 view: SearchView) -> StudyState:
+    """Trials in this process (with their progress inside each epoch), or in ``--workers`` processes."""
+    if run.settings.workers <= 1:
+        return Worker(run, study, console, view, data).run()
+    return launcher.run_processes(run, study, view, console)
 
 
 def run_worker_process(plan_path: str, index: int) -> int:
@@ -169,16 +168,16 @@ def run_worker_process(plan_path: str, index: int) -> int:
     return 130 if state == StudyState.INTERRUPTED else 0
 
 
-def preload_data(settings: SearchSettings, cache: DataCache) -> None:
+def preload_data(settings: SearchSettings, cache: DataCache, on_stage: Callable[[str], None] | None = None) -> None:
     """Load the data before the study is touched: a data error (no CIFAR there, --val-size too large) is reported
     before a study or a parent run exists. In-process trials (one worker) keep it; worker processes load their own."""
     if settings.space().varies_data:
         return
     cfg = TrainConfig(**settings.base_config)
     if settings.workers <= 1:
-        cache.get(cfg.data_config(), resolve_device(cfg.device))
+        cache.get(cfg.data_config(), resolve_device(cfg.device), on_stage)
     else:
-        cache.check(cfg.data_config())
+        cache.check(cfg.data_config(), on_stage)
 
 
 class Worker:
@@ -308,7 +307,7 @@ class Objective(Hooks):
         return Status.PRUNED if pruned else None
 
     def data_for(self, cfg: TrainConfig) -> Dataset:
-        return self.data.get(cfg.data_config(), resolve_device(cfg.device))
+        return self.data.get(cfg.data_config(), resolve_device(cfg.device), self.view.stage if self.view else None)
 
     def stored(self) -> FrozenTrial:
         return next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.number)
