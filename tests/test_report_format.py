@@ -145,3 +145,14 @@ def test_plot_file_is_checked_before_anything_is_read(tmp_path: Path, monkeypatc
     result = CliRunner().invoke(main, ["report", "--plot", str(taken), "--force"])
     assert result.exit_code == 0, result.output
     assert taken.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_tie_goes_to_the_earlier_trial_as_in_the_search_summary() -> None:
+    """Two trials with the same validation accuracy: the report names the lower trial number, the one Optuna's
+    ``best_trial`` (and the search's own summary) names, whatever order MLflow lists the runs in."""
+    parent = RunRecord("parent", "e", "", 0, "FINISHED", {Tag.ROLE: Role.STUDY, Tag.STUDY_NAME: "s"}, {}, {})
+    tied = [_trial(f"t{n}", "s", Status.FINISHED, {"lr": lr}, {Metric.FINAL_VAL_ACCURACY: 0.1094},
+                   **{Tag.TRIAL_NUMBER: str(n)}) for n, lr in ((1, "0.09402"), (0, "0.03432"))]
+    for order in (tied, tied[::-1]):
+        (study,), _ = search_studies([parent, *order])
+        assert "lr=0.03432" in " ".join(study_cells(study)), study_cells(study)

@@ -136,7 +136,13 @@ def _best_by_objective(trials: Sequence[RunRecord]) -> RunRecord | None:
     """The trial with the best objective; finished trials first, pruned ones only when none finished."""
     scored = [r for r in trials if r.status in (Status.FINISHED, Status.PRUNED) and _objective(r) is not None]
     finished = [r for r in scored if r.status == Status.FINISHED] or scored
-    return max(finished, key=lambda r: _objective(r), default=None)
+    return max(finished, key=_rank, default=None)
+
+
+def _rank(run: RunRecord) -> tuple[float, float]:
+    """Ties go to the earlier trial, as in ``search.parent.best_trial``: the report and the search name the same."""
+    number = parse_float(run.tag(Tag.TRIAL_NUMBER))
+    return _objective(run) or 0.0, -(number if number is not None else run.start_time)
 
 
 def _ablation(key: tuple[str, str], space: str, trials: list[RunRecord]) -> Ablation:
