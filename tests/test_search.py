@@ -311,8 +311,8 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monke
     monkeypatch.setenv("ALLCONV_HEARTBEAT_GRACE", "8")
     outcome: dict[str, tuple[int, str, str]] = {}
     launcher = threading.Thread(target=lambda: outcome.setdefault("cli", cli(
-        "search", *TINY, "--bn", "--epochs", "3", "--space", "tiny.yaml", "--trials", "2", "--workers", "2",
-        "--study-name", "killed")))
+        "search", *TINY, "--bn", "--epochs", "8", "--space", "tiny.yaml", "--trials", "2", "--workers", "2",
+        "--study-name", "killed")))  # 8 epochs: seconds in which to find the trial mid-way and kill it
     launcher.start()
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     victim = None
@@ -325,7 +325,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monke
                 run_id = t.user_attrs.get("mlflow_run_id")
                 # mid-trial: checkpointed, but not at the last epoch (a kill then could race the run's end)
                 done = int(client.get_run(run_id).data.tags.get("allconv.checkpoint_last_epoch", 0)) if run_id else 0
-                if 1 <= done < 3:
+                if 1 <= done < 6:
                     victim = (t.number, run_id, int(t.user_attrs["worker"].rsplit(":", 1)[1]))
                     os.kill(victim[2], signal.SIGKILL)
                     break
@@ -350,7 +350,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monke
     resumed = int(retry_run.data.tags["allconv.resumed_from_epoch"])
     assert resumed >= 1
     steps = [m.step for m in client.get_metric_history(retry_run.info.run_id, "val_accuracy")]
-    assert steps == list(range(resumed + 1, 4)), "the retry trained only the epochs after the checkpoint"
+    assert steps == list(range(resumed + 1, 9)), "the retry trained only the epochs after the checkpoint"
     lost = client.get_run(dead_run)
     assert lost.info.status == "FAILED" and lost.data.tags["allconv.trial_state"] == "failed"
     assert lost.data.tags["allconv.retried_as"] == retry_run.info.run_id
