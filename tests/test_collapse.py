@@ -33,6 +33,7 @@ CPU = torch.device("cpu")
 NET = ["--model", "A", "--branch", "strided", "--dataset", "fake", "--subset", "320", "--val-size", "100",
        "--preprocess", "standardize", "--no-bn", "--batch-size", "16", "--device", "cpu"]
 DEAD = ["--init", "gaussian", "--init-std", "1e-20"]  # every activation underflows to 0: dead whatever the seed
+pytestmark = pytest.mark.usefixtures("flush_denormals")  # the DEAD nets' activations pass through subnormals
 
 
 def tiny(**overrides: object) -> TrainConfig:

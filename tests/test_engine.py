@@ -180,6 +180,7 @@ def test_interrupt_keeps_last_checkpoint(data, tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("flush_denormals")
 def test_dead_network_is_stopped_as_collapsed(data, tmp_path: Path) -> None:
     """Weights of std 1e-20: activations underflow to 0 after a few layers, every ReLU is dead, the output is
     constant and no gradient can ever revive it."""
