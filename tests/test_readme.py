@@ -75,9 +75,6 @@ def test_the_readme_is_a_front_door() -> None:
 
 # docs/screens/ (the terminal views) is written on another branch (wt-ux) that lands with this one; once it exists its
 # links are checked like every other. Remove this when both are merged.
-ELSEWHERE = {ROOT / "docs" / "screens" / "README.md"}
-
-
 def test_links_lead_somewhere() -> None:
     for doc in DOCS:
         for target in re.findall(r"\]\(([^)\s]+)\)", prose(doc.read_text())):
@@ -85,7 +82,7 @@ def test_links_lead_somewhere() -> None:
                 continue
             path, _, anchor = target.partition("#")
             dest = (doc.parent / path).resolve() if path else doc
-            assert dest.exists() or dest in ELSEWHERE, f"{doc.relative_to(ROOT)}: link to {target} (no such file)"
+            assert dest.exists(), f"{doc.relative_to(ROOT)}: link to {target} (no such file)"
             if anchor and dest.suffix == ".md" and dest.exists():
                 assert anchor in anchors(dest), f"{doc.relative_to(ROOT)}: link to {target} (no such heading)"
 
