@@ -71,6 +71,17 @@ class Screen:
         return "\n".join(line.rstrip() for line in self.lines[-rows:]).rstrip() + "\n"
 
 
+def _read(master: int) -> bytes | None:
+    """What the pseudo-terminal printed in the last 0.2 s (b"" if nothing); None once the command closed it."""
+    ready, _, _ = select.select([master], [], [], 0.2)
+    if not ready:
+        return b""
+    try:
+        return os.read(master, 65536) or None
+    except OSError:
+        return None
+
+
 def main() -> None:
     out, cols, seconds, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
     cmd = sys.argv[sys.argv.index("--") + 1:]
@@ -93,26 +104,18 @@ def main() -> None:
         if now - start > seconds:
             os.killpg(proc.pid, signal.SIGINT)
             break
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            raw += chunk
-            screen.feed(chunk.decode("utf-8", errors="replace"))
+        chunk = _read(master)
+        if chunk is None:
+            break
+        raw += chunk
+        screen.feed(chunk.decode("utf-8", errors="replace"))
     deadline = time.monotonic() + 30
     while proc.poll() is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            raw += chunk
-            screen.feed(chunk.decode("utf-8", errors="replace"))
+        chunk = _read(master)
+        if chunk is None:
+            break
+        raw += chunk
+        screen.feed(chunk.decode("utf-8", errors="replace"))
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     with open(f"{out}-final.txt", "w") as f:
