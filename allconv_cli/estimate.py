@@ -22,8 +22,10 @@ from allconv_cli.engine import resolve_device, setup, steps_per_epoch
 from allconv_cli.evaluation import ALIVE_SAMPLE
 
 DAY = 86_400.0
-STEP_BUDGET = 2.0  # seconds of timed steps to aim for after the warm-up
-SAMPLE_SECONDS = 0.25  # steps per timed sample: as many as take this long (one where a step takes longer)
+# Seconds of timed steps to aim for after the warm-up: every run pays them before it trains, and a median of five
+# samples of fast steps is already within 2x; a slow step is timed at least twice whatever the budget.
+STEP_BUDGET = 0.5
+SAMPLE_SECONDS = 0.1  # steps per timed sample: as many as take this long (one where a step takes longer)
 # sampled fields that change how long a trial takes (the estimate is the base config's)
 TIME_FIELDS = ("model", "branch", "batch_size", "bn", "epochs", "subset", "val_size", "augment", "compile")
 CIFAR_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}  # used only when no data was loaded
