@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -29,6 +30,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from allconv_cli import stores
+from allconv_cli.checkpoints import load_checkpoint
 from allconv_cli.cli import main
 from allconv_cli.search import budget, launcher, plan, storage
 
@@ -304,6 +306,21 @@ def test_two_workers_record_every_trial_exactly_once(workdir: Path) -> None:
     assert all(str(os.getpid()) not in t.user_attrs["worker"] for t in study.trials), "trials ran in the workers"
 
 
+def kill_between_uploads(pid: int, client: MlflowClient, run_id: str, folder: Path) -> bool:
+    """SIGKILL worker ``pid`` at a moment its run's uploaded ``checkpoints/last.pt`` is whole: stopped first, the
+    file checked, killed, or let go on (False) when it was caught mid-upload. A kill mid-upload leaves a cut file,
+    and the retry then rightly starts from scratch: test_corrupted_checkpoint_restarts_the_trial_from_scratch."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder) as into:
+            load_checkpoint(client.download_artifacts(run_id, "checkpoints/last.pt", into))
+    except Exception:
+        os.kill(pid, signal.SIGCONT)
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
 @pytest.mark.e2e
 def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLCONV_HEARTBEAT_INTERVAL", "1")
@@ -325,9 +342,9 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(workdir: Path, monke
                 run_id = t.user_attrs.get("mlflow_run_id")
                 # mid-trial: checkpointed, but not at the last epoch (a kill then could race the run's end)
                 done = int(client.get_run(run_id).data.tags.get("allconv.checkpoint_last_epoch", 0)) if run_id else 0
-                if 1 <= done < 6:
-                    victim = (t.number, run_id, int(t.user_attrs["worker"].rsplit(":", 1)[1]))
-                    os.kill(victim[2], signal.SIGKILL)
+                pid = int(t.user_attrs["worker"].rsplit(":", 1)[1])
+                if 1 <= done < 6 and kill_between_uploads(pid, client, run_id, workdir):
+                    victim = (t.number, run_id, pid)
                     break
         except Exception:  # the databases are still being created
             continue

@@ -391,8 +391,6 @@ class Objective(Hooks):
             restart_on_bad_checkpoint=True, hooks=[self, *([self.view] if self.view else [])],
             data=data, log_model=False, on_run_created=partial(self._created, trial, previous_run),
         )
-        if outcome.resumed_from_epoch:
-            store.try_set_tags(outcome.run_id, {Tag.RESUMED_FROM_EPOCH: str(outcome.resumed_from_epoch)})
         return outcome.result
 
     def _created(self, trial: optuna.Trial, previous_run: str | None, run_id: str) -> None:

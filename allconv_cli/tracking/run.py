@@ -172,6 +172,8 @@ def _open_run(cfg: TrainConfig, data: Dataset, device: torch.device, start: _Sta
         attempt_tags[Tag.CHECKPOINT_PROBLEM] = start.problem[:5000]
     if checkpoint_from_run:
         attempt_tags[Tag.RESUMED_FROM_RUN] = checkpoint_from_run
+        if start.path is not None:  # recorded with the run's first tags, not after it (a write that could be lost)
+            attempt_tags[Tag.RESUMED_FROM_EPOCH] = str(start.epoch)
     if resume_run_id:
         store.reopen_run(resume_run_id)
         store.set_tags(resume_run_id, attempt_tags)
