@@ -4,7 +4,7 @@ A guess table is wrong on the next machine (README timings were off 2.5-3x on an
 the run's own step: :func:`allconv_cli.engine.setup` and a few :func:`~allconv_cli.engine.train_epoch` steps of the
 real config on the chosen device, with bench's timer (:func:`allconv_cli.bench.time_steps`) after one warm-up step,
 plus one evaluation batch; then scales by the data's sizes. On a CPU a step of the paper's networks takes seconds, so
-it times as few steps as give a stable figure: about two seconds' worth, at least two.
+it times as few steps as give a stable figure: about half a second's worth, at least two.
 """
 
 from __future__ import annotations
