@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from allconv_cli.errors import AllconvError
+from allconv_cli.errors import AllconvError, StoreUnavailable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow >= 3.7's own default, artifacts in ./mlruns
 DOCKER_HINT = "in Docker, run the container as the folder's owner: docker run --user $(id -u):$(id -g) ..."
@@ -104,11 +104,18 @@ def check_tracking_store(write: bool = True) -> str:
 
     ``write``: a local store (SQLite file or folder, and ``./mlruns`` for artifacts) must be writable: one line
     naming the folder and the fix instead of MLflow's two minutes of retries. ``write=False`` (resume, visualize)
-    only reads: a local SQLite file that does not exist is an error, not a new empty database.
+    only reads: a local SQLite file that does not exist is an error, not a new empty database. Once it passed, a
+    process does not check again: later, mid-study, a store that stops answering is an outage for the retry layer
+    to ride out, not a start-up error.
     """
     uri = tracking_uri()
+    if (uri, write) in _CHECKED:
+        return uri
     fix = f"run in a folder you can write, or set MLFLOW_TRACKING_URI to another store; {DOCKER_HINT}"
-    path = sqlite_path(uri) if uri.startswith("sqlite:") else local_path(uri)
+    try:
+        path = sqlite_path(uri) if uri.startswith("sqlite:") else local_path(uri)
+    except ValueError as exc:  # e.g. "http://[bad": urlparse's own complaint
+        raise AllconvError(_not_a_url(uri, exc)) from None
     if not write:
         if path is not None and not path.exists():
             raise AllconvError(f"no MLflow store at {path}: run allconv train or search here first, or set "
@@ -121,7 +128,11 @@ def check_tracking_store(write: bool = True) -> str:
         check_writable_dir(Path.cwd() / "mlruns", "the MLflow artifact location", fix)  # MLflow's default root
     elif path is not None:
         check_writable_dir(path, "the MLflow store", fix)
+    _CHECKED.add((uri, write))
     return uri
+
+
+_CHECKED: set[tuple[str, bool]] = set()  # (uri, write) of the checks this process passed
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -136,11 +147,11 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             pass
     except urllib.error.HTTPError as exc:  # it answered: an auth proxy or an old server without /health
         if exc.code >= 500:
-            raise AllconvError(f"the MLflow server {safe_url(uri)} does not answer (HTTP {exc.code}): start it (see "
-                               "docs/scaling.md) or set MLFLOW_TRACKING_URI") from None
-    except (OSError, ValueError) as exc:
-        raise AllconvError(f"the MLflow server {safe_url(uri)} does not answer ({getattr(exc, 'reason', exc)}): start "
-                           "it (see docs/scaling.md) or set MLFLOW_TRACKING_URI") from None
+            raise StoreUnavailable(_no_answer(uri, f"HTTP {exc.code}")) from None
+    except ValueError as exc:
+        raise AllconvError(_not_a_url(uri, exc)) from None
+    except OSError as exc:  # refused, reset, timed out, unknown host: a wrong address, or a server (re)starting
+        raise StoreUnavailable(_no_answer(uri, str(getattr(exc, "reason", exc)))) from None
     request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default",
                                      headers=_auth_header())
     try:
@@ -152,6 +163,16 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             raise AllconvError(refused) from None
     except (OSError, ValueError):
         return  # it answered /health: what fails now is retried (and reported) by the tracking layer
+
+
+def _not_a_url(uri: str, exc: ValueError) -> str:
+    return (f"MLFLOW_TRACKING_URI={safe_url(uri)} is not a URL ({exc}): set it to the MLflow server's http(s):// "
+            "address or a sqlite:/// file")
+
+
+def _no_answer(uri: str, cause: str) -> str:
+    return (f"the MLflow server {safe_url(uri)} does not answer ({cause}): start it (see docs/scaling.md), check "
+            "MLFLOW_TRACKING_URI, or try again once it is up")
 
 
 def auth_refusal(status: int, uri: str) -> str:

@@ -14,7 +14,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UN
 
 from allconv_cli import runtime, stores
 from allconv_cli.config import SEED_MAX, TrainConfig
-from allconv_cli.errors import AllconvError
+from allconv_cli.errors import AllconvError, StoreUnavailable
 from allconv_cli.tracking import store
 
 
@@ -31,8 +31,9 @@ def _allconv(args: list[str], cwd: Path, **extra: str) -> tuple[subprocess.Compl
     return run, time.perf_counter() - started
 
 
-def _one_line_exit_2(run: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert run.returncode == 2, run.stderr
+def _one_line_exit_2(run: subprocess.CompletedProcess[str], *needles: str, code: int = 2) -> None:
+    """One ``Error:`` line, no traceback, exit ``code``: 2 for the user's error, 75 for a store that is not there."""
+    assert run.returncode == code, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
     for needle in needles:
         assert needle in run.stderr, run.stderr
@@ -121,10 +122,47 @@ def test_store_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert stores.sqlite_path("postgresql://u@h/db") is None
 
 
+@pytest.mark.unit
+def test_a_server_is_checked_once_per_process_and_its_absence_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up check of an MLflow server: not answering is StoreUnavailable (exit 75: a server may be
+    restarting), and once passed it is not repeated, so a restart mid-study meets the retry layer, not the check
+    (CI once saw a worker's first trial repeat the check during a restart and stop the search as a user error)."""
+    import http.server
+    import threading
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /health and the credentials probe
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(stores, "_CHECKED", set())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert stores.check_tracking_store(write=True) == uri
+    server.shutdown()
+    server.server_close()
+    assert stores.check_tracking_store(write=True) == uri  # gone now, but this process already checked it
+    monkeypatch.setattr(stores, "_CHECKED", set())
+    with pytest.raises(StoreUnavailable, match="does not answer") as info:
+        stores.check_tracking_store(write=True)
+    assert info.value.exit_code == 75 and uri in str(info.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://[bad")
+    with pytest.raises(AllconvError, match="is not a URL") as bad:
+        stores.check_tracking_store(write=True)
+    assert bad.value.exit_code == 2
+
+
 @pytest.mark.e2e
 def test_unwritable_and_unreachable_stores_fail_fast(tmp_path: Path) -> None:
     """A tracking store that cannot be written (here: a file where its folder should be, which stops root too) or a
-    server that does not answer: one line naming it, exit 2, well within 5 s, and no run, database or folder made."""
+    server that does not answer: one line naming it, well within 5 s, and no run, database or folder made. The first
+    is the user's to fix (exit 2); the second may be a server still starting (exit 75: a scheduler starts it again)."""
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     train = ["train", "--dataset", "fake", "--subset", "200", "--val-size", "100", "--epochs", "1"]
@@ -132,7 +170,7 @@ def test_unwritable_and_unreachable_stores_fail_fast(tmp_path: Path) -> None:
     _one_line_exit_2(run, str(blocker), "--user")
     assert seconds < 5, seconds
     run, seconds = _allconv(train, tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
-    _one_line_exit_2(run, "http://127.0.0.1:9", "does not answer")
+    _one_line_exit_2(run, "http://127.0.0.1:9", "does not answer", code=75)
     assert seconds < 5, seconds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
 

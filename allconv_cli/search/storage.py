@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from allconv_cli import runtime
 from allconv_cli.config import EXECUTION_FIELDS, TrainConfig
-from allconv_cli.errors import AllconvError, first_line
+from allconv_cli.errors import AllconvError, StoreUnavailable, first_line
 from allconv_cli.search.budget import Ledger, retry_history, retryable
 from allconv_cli.search.distinct import make_sampler
 from allconv_cli.search.plan import PRUNERS, SearchSettings
@@ -47,6 +47,23 @@ def is_transient(exc: BaseException) -> bool:
     cause = exc.__cause__ if isinstance(exc, StorageInternalError) else exc
     return isinstance(cause, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
                               sqlalchemy.exc.DisconnectionError))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The database server is not there (refused, timed out, starting up, shutting down, full), as opposed to
+    answering and refusing the URL's user, password or database: a later start can succeed. libpq gives a failed
+    connection no SQLSTATE; a server's own refusal comes as its ``FATAL:`` message."""
+    if not is_transient(exc):
+        return False
+    cause = exc.__cause__ if isinstance(exc, StorageInternalError) else exc
+    sqlstate = getattr(getattr(cause, "orig", None), "sqlstate", None)
+    if sqlstate:
+        return str(sqlstate).startswith(("08", "57P"))  # connection exception; operator intervention
+    text = str(cause)
+    return "FATAL:" not in text or any(busy in text for busy in _SERVER_BUSY)
+
+
+_SERVER_BUSY = ("the database system is", "too many clients")  # ... starting up / shutting down / in recovery mode
 
 
 def with_retries(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -129,7 +146,8 @@ def open_storage(settings: SearchSettings) -> RDBStorage:
 
     Processes started at once on a new database all create Optuna's tables; the losers see "already exists" or a
     duplicate key (PostgreSQL: IntegrityError/ProgrammingError; SQLite: OperationalError). The tables are there
-    then: they try again. An unreachable server is reported at once."""
+    then: they try again. An unreachable server is reported at once, as an outage (exit 75), a refused login or
+    an unknown database as the user's error (exit 2)."""
     parsed = check_storage_url(settings.storage_url)
     sqlite = parsed.get_backend_name() == "sqlite"
     # several workers share a SQLite file: wait for its lock; a server connection is checked before each use
@@ -146,6 +164,10 @@ def open_storage(settings: SearchSettings) -> RDBStorage:
         except Exception as exc:
             racing = isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) or (
                 sqlite and isinstance(exc, (sqlalchemy.exc.OperationalError, StorageInternalError)))
+            if not sqlite and _unreachable(exc):
+                raise StoreUnavailable(f"cannot open the Optuna storage {safe_url(settings.storage_url)}: "
+                                       f"{first_line(exc)[:300]} (start the database, check the URL, or try "
+                                       "again once it is up)") from None
             if not racing or attempt == 9:
                 raise AllconvError(f"cannot open the Optuna storage {safe_url(settings.storage_url)}: "
                                    f"{first_line(exc)[:300]} ({FIX})") from None

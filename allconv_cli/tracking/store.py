@@ -52,13 +52,6 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-@functools.cache
-def _check_store_once() -> None:
-    """The store check of the CLI, also for library callers (a read-only working folder fails at once, not after
-    MLflow's two minutes of retries); once per process."""
-    stores.check_tracking_store(write=True)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # experiments
 
@@ -66,7 +59,7 @@ def _check_store_once() -> None:
 def experiment_id(name: str) -> str:
     """Get or create an experiment by name; safe when several processes create it at once. A new experiment is
     tagged as model training (``mlflow.experimentKind``), so MLflow's UI treats it as runs, not GenAI traces."""
-    _check_store_once()
+    stores.check_tracking_store(write=True)  # the CLI's check, for library callers too (once per process)
     mlc = client()
     found = retrying(mlc.get_experiment_by_name, name)
     if found is not None:
