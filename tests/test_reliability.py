@@ -123,6 +123,29 @@ def test_store_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.unit
+def test_a_new_sqlite_store_created_by_two_processes_at_once_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's migrations of a new SQLite store fail in whichever process loses the race (any exception type); the
+    tracking client tries again there, and only there: a server's error is not retried by this loop."""
+    attempts: list[str] = []
+
+    def flaky(tracking_uri: str) -> str:
+        attempts.append(tracking_uri)
+        if len(attempts) < 3:
+            raise ValueError("No such index: 'index_jobs_function_status_creation_time'")  # seen in a race
+        return "client"
+
+    monkeypatch.setattr(store, "MlflowClient", flaky)
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x/mlflow.db")
+    assert store.client() == "client" and len(attempts) == 3
+    attempts.clear()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(ValueError):
+        store.client()
+    assert len(attempts) == 1
+
+
+@pytest.mark.unit
 def test_a_server_is_checked_once_per_process_and_its_absence_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The start-up check of an MLflow server: not answering is StoreUnavailable (exit 75: a server may be
     restarting), and once passed it is not repeated, so a restart mid-study meets the retry layer, not the check

@@ -444,36 +444,15 @@ def test_no_fault_loses_a_trial(workers, mlflow_server, postgres, round_: int) -
                                                            for t in stopped))
 
 
-def _search_on(url: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+def test_refused_postgres_password_is_the_users_error(postgres, tmp_path: Path) -> None:
+    """A server that answers and refuses the password (or has no such database) is the user's to fix: exit 2, where
+    a server that does not answer is an outage, exit 75 (test_search's test_postgres_url_that_cannot_connect...)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", ALLCONV_CACHE_DIR=str(tmp_path / "cache"))
-    started = time.monotonic()
-    out = subprocess.run([ALLCONV, "search", *TINY, "--trials", "1", "--epochs", "1", "--storage", url],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    return out, time.monotonic() - started
-
-
-def test_unreachable_postgres_is_one_line_naming_the_url(tmp_path: Path) -> None:
-    """No server on the port: one line naming the URL with its password masked, at once, exit code 75 (a database
-    still starting is an outage a scheduler retries, not the user's error)."""
-    from conftest import services
-
-    port = services.free_port()
-    assert not services.port_open(port)
-    out, seconds = _search_on(f"postgresql+psycopg://allconv:s3cret-pw@127.0.0.1:{port}/optuna", tmp_path)
-    assert out.returncode == 75, out.stdout + out.stderr
-    line = one_line_error(out.stderr)
-    assert f"postgresql+psycopg://allconv:***@127.0.0.1:{port}/optuna" in line, line
-    assert "s3cret-pw" not in out.stderr + out.stdout, "the password must be masked"
-    assert seconds < 60
-    assert not (tmp_path / "mlflow.db").exists()
-
-
-def test_refused_postgres_password_is_the_users_error(postgres, tmp_path: Path) -> None:
-    """A server that answers and refuses the password (or has no such database) is the user's to fix: exit 2."""
     for url in (postgres.url("optuna").replace(f":{postgres.password}@", ":wrong-pw@"),
                 postgres.url("no_such_db")):
-        out, _ = _search_on(url, tmp_path)
+        out = subprocess.run([ALLCONV, "search", *TINY, "--trials", "1", "--epochs", "1", "--storage", url],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stdout + out.stderr
         line = one_line_error(out.stderr)
         assert "cannot open the Optuna storage" in line and "wrong-pw" not in out.stderr, line

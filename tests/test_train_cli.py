@@ -234,6 +234,7 @@ def test_ctrl_c_checkpoints_and_marks_killed(tmp_path: Path) -> None:
     client = None
     while time.time() < deadline:  # wait until an epoch's checkpoint is in MLflow
         time.sleep(2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]  # it died early: say why now, not in 10 minutes
         if not (tmp_path / "mlflow.db").exists():
             continue
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import random
 import subprocess
 import tempfile
 import time
@@ -48,8 +49,22 @@ def tracking_uri() -> str:
 
 
 def client() -> MlflowClient:
-    """The MLflow client of :func:`tracking_uri`: for this door's functions (and tests that read a store)."""
-    return MlflowClient(tracking_uri=tracking_uri())
+    """The MLflow client of :func:`tracking_uri`: for this door's functions (and tests that read a store).
+
+    A process's first client of a new SQLite store creates its tables (MLflow's alembic migrations). Another process
+    doing the same at that moment (a second run, `mlflow ui`) makes one of them fail, with whatever the interleaved
+    migration step meets ("already exists", "duplicate column", alembic's version row moved, a batch copy's
+    CircularDependencyError or missing index); the other finishes the tables: this one tries again, as Optuna's
+    storage does on a new database (CI once saw `allconv train` die so). Ten tries, about 15 s at most."""
+    uri = tracking_uri()
+    for attempt in range(10):
+        try:
+            return MlflowClient(tracking_uri=uri)
+        except Exception:
+            if attempt == 9 or not uri.startswith("sqlite:"):
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------------------------------
