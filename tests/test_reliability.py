@@ -31,7 +31,7 @@ def _allconv(args: list[str], cwd: Path, **extra: str) -> tuple[subprocess.Compl
     return run, time.perf_counter() - started
 
 
-def _one_line_exit_2(run: subprocess.CompletedProcess[str], *needles: str, code: int = 2) -> None:
+def _one_line_exit(run: subprocess.CompletedProcess[str], *needles: str, code: int = 2) -> None:
     """One ``Error:`` line, no traceback, exit ``code``: 2 for the user's error, 75 for a store that is not there."""
     assert run.returncode == code, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
@@ -190,10 +190,10 @@ def test_unwritable_and_unreachable_stores_fail_fast(tmp_path: Path) -> None:
     blocker.write_text("x")
     train = ["train", "--dataset", "fake", "--subset", "200", "--val-size", "100", "--epochs", "1"]
     run, seconds = _allconv(train, tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{blocker}/mlflow.db")
-    _one_line_exit_2(run, str(blocker), "--user")
+    _one_line_exit(run, str(blocker), "--user")
     assert seconds < 5, seconds
     run, seconds = _allconv(train, tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
-    _one_line_exit_2(run, "http://127.0.0.1:9", "does not answer", code=75)
+    _one_line_exit(run, "http://127.0.0.1:9", "does not answer", code=75)
     assert seconds < 5, seconds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
 
@@ -205,9 +205,9 @@ def test_small_cli_cases(tmp_path: Path) -> None:
     assert bare.returncode == 0 and "Usage:" in bare.stdout and "Error" not in bare.stdout + bare.stderr
 
     run, _ = _allconv(["train", "--resume", "no-such-run"], tmp_path)
-    _one_line_exit_2(run, "no MLflow store at")
+    _one_line_exit(run, "no MLflow store at")
     run, _ = _allconv(["train", "--dataset", "fake", "--seed", "-1"], tmp_path)
-    _one_line_exit_2(run, "seed=-1")
+    _one_line_exit(run, "seed=-1")
     assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists()
 
 

@@ -467,11 +467,13 @@ def test_user_errors_are_one_line_with_exit_code_2(args: list[str], expected: st
 def test_postgres_url_that_cannot_connect_names_the_url(errdir: Path) -> None:
     """No server on the port: one line naming the URL, its password masked, exit 75 (a database still starting is
     an outage a scheduler retries, not the user's error; a refused password is exit 2: test_services)."""
+    started = time.monotonic()
     code, _, err = cli("search", "--dataset", "fake", "--space", "tiny.yaml", "--storage",
                        "postgresql://alice:s3cret@127.0.0.1:1/optuna")
     line = one_line_error(err)
-    assert code == 75 and "cannot open the Optuna storage postgresql" in line and "127.0.0.1:1" in line
+    assert code == 75 and "cannot open the Optuna storage postgresql://alice:***@127.0.0.1:1/optuna" in line, line
     assert "s3cret" not in err and not (errdir / "mlflow.db").exists()
+    assert time.monotonic() - started < 60, "reported at once, not after the retry budget"
 
 
 # ---------------------------------------------------------------------------------------------------------------
